@@ -1,0 +1,121 @@
+"""The ConvNet family of DC/DSA/DM/MTT and a functional forward over one flat parameter vector.
+
+Each block is [3x3 conv (bias) -> instance norm -> ReLU -> 2x2 avg pool]; instance norm is
+GroupNorm(C, C, affine) exactly as the originals implement it. Trajectory matching differentiates
+through parameter updates, so the network can also be run from a flat vector (``functional_forward``)
+with ``torch.func.functional_call`` — module forward hooks still fire, which is what FeatureTap uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .errors import ConfigError
+
+
+def default_depth(image_size: int) -> int:
+    """Depth 3 at 32x32 and 4 at 64x64 as the originals; smaller inputs keep a final map >= 2x2."""
+    size = 32 if image_size == 28 else image_size
+    log = int(math.log2(max(size, 2)))
+    return max(1, log - 2) if size >= 32 else max(1, min(3, log - 1))
+
+
+class ConvNet(nn.Module):
+    """ConvNet-D of width W: D conv blocks then one Linear classifier.
+
+    ``tap_names`` lists the block outputs (after pooling) that MIM4DD taps, shallow to deep; each is
+    the module ``blocks.<k>`` whose forward output is that layer's feature map.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        image_size: int,
+        width: int = 128,
+        depth: int | None = None,
+        norm: str = "instancenorm",
+    ) -> None:
+        super().__init__()
+        if width < 1 or num_classes < 1 or channels < 1:
+            raise ConfigError("ConvNet width, channels and num_classes must all be at least 1.")
+        depth = default_depth(image_size) if depth is None else depth
+        size = 32 if image_size == 28 else image_size
+        if depth < 1 or size // (2**depth) < 1:
+            raise ConfigError(f"ConvNet depth {depth} is too deep for {image_size}x{image_size} inputs.")
+        if norm not in ("instancenorm", "none"):
+            raise ConfigError(f"Unknown norm {norm!r}; choose 'instancenorm' or 'none'.")
+        self.channels, self.num_classes, self.image_size = channels, num_classes, image_size
+        self.width, self.depth, self.norm = width, depth, norm
+        blocks = []
+        in_ch = channels
+        for k in range(depth):
+            # 28x28 (MNIST-like) inputs are padded to 32 in the first conv, as in the originals.
+            pad = 3 if (k == 0 and image_size == 28) else 1
+            layers: list[nn.Module] = [nn.Conv2d(in_ch, width, 3, padding=pad)]
+            if norm == "instancenorm":
+                layers.append(nn.GroupNorm(width, width, affine=True))
+            layers += [nn.ReLU(inplace=False), nn.AvgPool2d(2, 2)]
+            blocks.append(nn.Sequential(*layers))
+            in_ch = width
+        self.blocks = nn.Sequential(*blocks)
+        self.feature_hw = size // (2**depth)
+        self.embed_dim = width * self.feature_hw * self.feature_hw
+        self.classifier = nn.Linear(self.embed_dim, num_classes)
+
+    @property
+    def tap_names(self) -> list[str]:
+        """Names (module paths) of the layer outputs MIM4DD can tap, shallow to deep."""
+        return [f"blocks.{k}" for k in range(self.depth)]
+
+    def layer_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """(C, H, W) of each tapped layer's output."""
+        size = 32 if self.image_size == 28 else self.image_size
+        return {f"blocks.{k}": (self.width, size >> (k + 1), size >> (k + 1)) for k in range(self.depth)}
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Flattened features before the classifier (what DM matches)."""
+        return self.blocks(x).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.embed(x))
+
+
+def build_model(
+    channels: int, num_classes: int, image_size: int, width: int = 128, depth: int | None = None,
+    norm: str = "instancenorm",
+) -> ConvNet:
+    return ConvNet(channels, num_classes, image_size, width=width, depth=depth, norm=norm)
+
+
+def flatten_params(model: nn.Module) -> Tensor:
+    """All parameters as one detached flat vector, in ``named_parameters`` order."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def unflatten_params(model: nn.Module, flat: Tensor) -> dict[str, Tensor]:
+    """Views of ``flat`` shaped like the model's parameters (keeps the autograd link to ``flat``)."""
+    out, offset = {}, 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        out[name] = flat[offset : offset + n].view_as(p)
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat parameter vector has {flat.numel()} entries, the model needs {offset}")
+    return out
+
+
+def load_flat_params(model: nn.Module, flat: Tensor) -> None:
+    """Copy a flat vector into the model's parameters in place."""
+    with torch.no_grad():
+        for name, value in unflatten_params(model, flat).items():
+            model.get_parameter(name).copy_(value)
+
+
+def functional_forward(model: nn.Module, flat: Tensor, x: Tensor) -> Tensor:
+    """Run ``model`` on ``x`` with its parameters taken from ``flat`` (differentiable in both)."""
+    return functional_call(model, unflatten_params(model, flat), (x,))
