@@ -26,7 +26,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", help="digits | cifar10 | cifar100 | mnist | fashion-mnist | imagefolder:PATH")
+    p.add_argument("--dataset", default="digits",
+                   help="digits | cifar10 | cifar100 | mnist | fashion-mnist | imagefolder:PATH")
     p.add_argument("--data-dir", default=None, help="directory holding the dataset files")
     p.add_argument("--image-size", type=int, default=None, help="resize square images to this size")
     p.add_argument("--zca", action="store_true", help="ZCA-whiten (fitted on the training split)")
@@ -52,8 +53,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .evaluate import EvalConfig, random_baseline
 
+    if args.run_dir is not None:
+        return _cmd_evaluate_run(args)
     if not args.random:
-        raise UserError("Give --random to evaluate the random-real baseline (saved runs: mim4dd-fast evaluate RUN_DIR).")
+        raise UserError("Give --random to evaluate the random-real baseline, or a run directory to evaluate it.")
     if args.ipc < 1:
         raise UserError(f"--ipc must be at least 1, got {args.ipc}.")
     device = _device(args.device)
@@ -75,6 +78,123 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+_RUN_FLAGS = ("method", "dataset", "data_dir", "ipc", "iterations", "seed", "image_size", "device",
+              "eval_every", "checkpoint_every", "evals", "num_experts", "init")
+
+
+def _settings_from_args(args: argparse.Namespace):
+    """defaults < preset < --config file < explicit flags (only flags the user gave)."""
+    from .settings import build_settings, merge_layers, preset_layer, read_toml
+
+    flags = {k: getattr(args, k) for k in _RUN_FLAGS if getattr(args, k, None) is not None}
+    if args.zca:
+        flags["zca"] = True
+    if "data_dir" in flags:
+        flags["data_dir"] = str(flags["data_dir"])
+    file_layer = read_toml(args.config) if args.config else {}
+    preset = args.preset
+    if preset is None:
+        from .presets import default_preset
+
+        probe = merge_layers(file_layer, flags)
+        preset = default_preset(probe.get("method", "mim4dd"), probe.get("dataset", "digits"), probe.get("ipc", 1))
+    base = preset_layer(preset) if preset else {}
+    return build_settings(merge_layers(base, file_layer, flags))
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from .runner import Interrupted, distill, load_settings_from_run
+
+    if args.resume:
+        settings = load_settings_from_run(args.out)
+        if args.iterations is not None:
+            if args.iterations < 1:
+                raise UserError(f"--iterations must be at least 1, got {args.iterations}.")
+            settings.run.iterations = args.iterations
+        if args.device is not None:
+            settings.run.device = args.device
+    else:
+        settings = _settings_from_args(args)
+    try:
+        result = distill(settings, args.out, resume=args.resume, console=console)
+    except Interrupted as exc:
+        console.print(f"stopped by {exc}; the last checkpoint is saved: continue with "
+                      f"`mim4dd-fast distill --out {args.out} --resume`.")
+        return 128 + exc.signum
+    Console().print(f"{settings.run.method} on {settings.run.dataset}, IPC {settings.run.ipc}: accuracy "
+                    f"{100 * result['mean']:.2f}% ± {100 * result['std']:.2f}% over {len(result['accuracies'])} nets; "
+                    f"run saved in {args.out} (picture: {args.out}/synthetic.png)")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.table import Table
+
+    out = Path(args.run_dir)
+    if not (out / "config.toml").exists():
+        raise UserError(f"{out} is not a run directory (config.toml is missing).")
+    table = Table(title=f"run {out}")
+    table.add_column("what")
+    table.add_column("value")
+    from .settings import read_toml
+
+    cfg = read_toml(out / "config.toml")
+    for key in ("method", "dataset", "ipc", "iterations", "seed"):
+        table.add_row(key, str(cfg.get(key)))
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        if lines:
+            last = lines[-1]
+            table.add_row("iterations done", str(last.get("iteration")))
+            for k, v in sorted(last.items()):
+                if k.startswith(("loss", "mim", "mi_lb", "syn_lr")):
+                    table.add_row(f"last {k}", f"{v:.4g}")
+    if (out / "eval.json").exists():
+        ev = json.loads((out / "eval.json").read_text())
+        table.add_row("accuracy", f"{100 * ev['mean']:.2f}% ± {100 * ev['std']:.2f}% ({len(ev['accuracies'])} nets)")
+    table.add_row("complete", "yes" if (out / "manifest.json").exists() else "no (resume with --resume)")
+    if (out / "synthetic.png").exists():
+        table.add_row("picture", str(out / "synthetic.png"))
+    Console().print(table)
+    return 0
+
+
+def _cmd_evaluate_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import from_mapping
+    from .evaluate import EvalConfig, evaluate_synthetic
+    from .io import load_tensors, sha256_file
+    from .runner import load_run_dataset, load_settings_from_run, resolve_device
+
+    out = Path(args.run_dir)
+    settings = load_settings_from_run(out)
+    path = out / "synthetic.safetensors"
+    manifest = out / "manifest.json"
+    expected = None
+    if manifest.exists():
+        expected = json.loads(manifest.read_text()).get("files", {}).get("synthetic.safetensors")
+        if expected and sha256_file(path) != expected:
+            raise UserError(f"{path} is corrupted (its checksum does not match manifest.json).")
+    tensors = load_tensors(path)
+    dataset = load_run_dataset(settings.run)
+    cfg = from_mapping(EvalConfig, {**settings.eval, "n_nets": args.nets,
+                                    **({"epochs": args.epochs} if args.epochs else {})})
+    lr = float(tensors["syn_lr"][0]) if "syn_lr" in tensors else None
+    device = resolve_device(args.device)
+    result = evaluate_synthetic(tensors["images"], tensors["labels"], dataset, cfg, seed=args.seed, device=device,
+                                lr=lr)
+    Console().print(f"{out}: accuracy {100 * result['mean']:.2f}% ± {100 * result['std']:.2f}% over {args.nets} nets")
+    if args.json:
+        from .io import atomic_write_json
+
+        atomic_write_json(args.json, {"run": str(out), **result})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mim4dd-fast", description="Fast, measured dataset distillation (MIM4DD, MTT, DC, DM).")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -88,6 +208,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--epochs", type=int, default=None, help="training epochs per evaluation net")
     ev.add_argument("--json", default=None, help="write the result as JSON here")
     ev.set_defaults(func=_cmd_evaluate)
+
+    di = sub.add_parser("distill", help="distil a dataset into RUN_DIR (resumable, checkpointed)")
+    di.add_argument("--method", default=None, help="dc | dm | mtt | dc+mim | dm+mim | mtt+mim | mim4dd")
+    di.add_argument("--dataset", default=None)
+    di.add_argument("--data-dir", default=None)
+    di.add_argument("--ipc", type=int, default=None)
+    di.add_argument("--out", required=True, help="the run directory")
+    di.add_argument("--preset", default=None, help="a named preset (mim4dd-fast show --presets lists them)")
+    di.add_argument("--config", default=None, help="a TOML settings file (e.g. another run's config.toml)")
+    di.add_argument("--iterations", type=int, default=None)
+    di.add_argument("--eval-every", type=int, default=None, help="evaluate one net every K iterations")
+    di.add_argument("--checkpoint-every", type=int, default=None)
+    di.add_argument("--evals", type=int, default=None, help="evaluation nets at the end")
+    di.add_argument("--num-experts", type=int, default=None, help="MTT expert trajectories")
+    di.add_argument("--init", default=None, choices=["real", "noise"])
+    di.add_argument("--image-size", type=int, default=None)
+    di.add_argument("--zca", action="store_true")
+    di.add_argument("--seed", type=int, default=None)
+    di.add_argument("--device", default=None)
+    di.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    di.set_defaults(func=_cmd_distill)
+
+    sh = sub.add_parser("show", help="summarise a run directory")
+    sh.add_argument("run_dir")
+    sh.set_defaults(func=_cmd_show)
     return parser
 
 

@@ -1,0 +1,299 @@
+"""Production distillation: one run directory that survives crashes and can always be resumed.
+
+RUN_DIR layout (everything written atomically; ``manifest.json`` last, so a run without it is not
+complete):
+  config.toml          every setting, defaults included (reproduce with --config RUN_DIR/config.toml)
+  checkpoints/         ckpt-<iter>.safetensors + .json (the newest two that verify)
+  experts/             MTT expert trajectories (resumable, checksummed)
+  metrics.jsonl        one line per iteration: losses, MI bounds, seconds, memory
+  synthetic.safetensors  images, labels (and MTT's learned step size)
+  synthetic.png        the images per class, de-normalised (ZCA inverted where used)
+  eval.json            evaluation of the distilled set (mean ± std over fresh nets)
+  manifest.json        versions and the sha256 of every file above
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .errors import ConfigError, NonFiniteError, UserError
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir, save_tensors, sha256_file
+from .settings import Settings, build_settings, read_toml
+
+MIN_FREE_BYTES = 64 * 2**20  # refuse to start with less free disk than this
+
+RUN_FILES = ("config.toml", "metrics.jsonl", "synthetic.safetensors", "synthetic.png", "eval.json")
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the run checkpointed and stopped cleanly."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _stop_on_signals(flag: dict[str, int]):
+    """Record SIGINT/SIGTERM instead of dying mid-write; the loop checkpoints and stops."""
+    def handler(signum, _frame):
+        flag["signum"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("Device cuda was requested but no CUDA device is available.")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"Unknown device {name!r}; choose auto, cpu or cuda.")
+    return name
+
+
+def to_toml(settings: Settings) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(settings.to_toml_dict())
+
+
+def prepare_run_dir(out: str | Path, resume: bool) -> Path:
+    """Check the directory is writable and has room, before any work starts."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"Run directory {out} exists and is not a directory.")
+    check_writable_dir(out)
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"Run directory {out} has only {free // 2**20} MiB free; at least "
+                        f"{MIN_FREE_BYTES // 2**20} MiB are needed.")
+    has_run = (out / "config.toml").exists()
+    if has_run and not resume:
+        raise UserError(f"Run directory {out} already holds a run; pass --resume to continue it or choose another "
+                        "directory.")
+    if resume and not has_run:
+        raise UserError(f"Run directory {out} holds no run to resume (config.toml is missing).")
+    return out
+
+
+def _truncate_metrics(path: Path, last_iteration: int) -> None:
+    """Drop metric lines past the checkpoint we resume from (and any torn last line)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if int(record.get("iteration", 0)) <= last_iteration:
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_grid(images: torch.Tensor, labels: torch.Tensor, dataset, path: Path) -> None:
+    """PNG grid, one row per class, de-normalised (ZCA inverted where used)."""
+    import io as _io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pixels = dataset.denormalize(images.float()).cpu()
+    classes = sorted(set(labels.tolist()))
+    per_class = max(int((labels == c).sum()) for c in classes)
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 0.9 + 1.2, len(classes) * 0.9),
+                             squeeze=False)
+    for row, c in enumerate(classes):
+        members = pixels[labels == c]
+        for col in range(per_class):
+            ax = axes[row][col]
+            ax.axis("off")
+            if col < members.shape[0]:
+                img = members[col].permute(1, 2, 0).numpy()
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                          vmin=0, vmax=1)
+        axes[row][0].text(-0.6, 0.5, dataset.class_names[c][:12], transform=axes[row][0].transAxes,
+                          ha="right", va="center", fontsize=8)
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_manifest(out: Path, settings: Settings, extra: dict[str, Any]) -> None:
+    files = {}
+    for name in RUN_FILES:
+        if (out / name).exists():
+            files[name] = sha256_file(out / name)
+    atomic_write_json(out / "manifest.json", {"environment": environment(), "files": files, **extra})
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts recorded with every run and benchmark."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # triton missing or broken: the PyTorch paths still work
+        triton_version = None
+    return {
+        "mim4dd_fast": __version__,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+
+
+def load_run_dataset(run):
+    from .data import load_dataset
+
+    return load_dataset(run.dataset, run.data_dir or None, image_size=run.image_size or None, zca=run.zca,
+                        seed=run.seed)
+
+
+def _experts_for(settings: Settings, dataset, out: Path, device: str, progress=None):
+    """Build (or resume building) the MTT experts inside the run directory, checksummed."""
+    from .config import from_mapping
+    from .experts import ensure_experts
+    from .methods.registry import canonical_name, config_class
+
+    cfg = from_mapping(config_class(canonical_name(settings.run.method)), settings.method)
+    epochs = settings.run.expert_epochs or (cfg.max_start_epoch + cfg.expert_epochs)
+    return ensure_experts(dataset, out / "experts", num_experts=settings.run.num_experts, epochs=epochs,
+                          seed=settings.run.seed, model_kwargs={"width": cfg.width, "depth": cfg.depth},
+                          device=device, progress=progress)
+
+
+def build_run_method(settings: Settings, dataset, out: Path, device: str, progress=None):
+    from .methods.registry import build_method, canonical_name
+
+    name = canonical_name(settings.run.method)
+    experts = _experts_for(settings, dataset, out, device, progress) if name.startswith("mtt") else None
+    return build_method(name, dataset, settings.run.ipc, config=settings.method, mim=settings.mim or None,
+                        experts=experts, device=device, seed=settings.run.seed, init=settings.run.init)
+
+
+def _finite_logs(logs: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+
+
+def evaluate_method(method, dataset, settings: Settings, device: str, n_nets: int | None = None) -> dict[str, Any]:
+    from .config import from_mapping
+    from .evaluate import EvalConfig, evaluate_synthetic
+
+    cfg = from_mapping(EvalConfig, {**settings.eval, **({"n_nets": n_nets} if n_nets else {})})
+    x, y = method.synthetic_set()
+    lr = method.learned_lr() if hasattr(method, "learned_lr") else None
+    return evaluate_synthetic(x, y, dataset, cfg, seed=settings.run.seed, device=device, lr=lr)
+
+
+def distill(settings: Settings, out: str | Path, *, resume: bool = False, console=None) -> dict[str, Any]:
+    """Run (or resume) a distillation into ``out``; returns the final evaluation."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = console or Console(stderr=True)
+    out = prepare_run_dir(out, resume)
+    run = settings.run
+    device = resolve_device(run.device)
+    dataset = load_run_dataset(run)
+    dataset.class_index.check_ipc(run.ipc)
+    if not resume:
+        atomic_write_text(out / "config.toml", to_toml(settings))
+    (out / "manifest.json").unlink(missing_ok=True)  # the run is incomplete until the end
+
+    method = build_run_method(settings, dataset, out, device)
+    start = 0
+    if resume:
+        found = load_latest_checkpoint(out / "checkpoints", warn=lambda m: console.print(f"warning: {m}"))
+        if found is not None:
+            start, state = found
+            method.load_state_dict(state)
+            console.print(f"resuming from iteration {start}")
+    _truncate_metrics(out / "metrics.jsonl", start)
+
+    stop: dict[str, int] = {}
+    last_eval: dict[str, Any] | None = None
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
+    with _stop_on_signals(stop), Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(f"distill {run.method}", total=run.iterations, completed=start, status="")
+        for it in range(start + 1, run.iterations + 1):
+            t0 = time.perf_counter()
+            try:
+                logs = method.step()
+            except NonFiniteError:
+                save_checkpoint(out / "checkpoints", it - 1, method.state_dict())
+                raise
+            seconds = time.perf_counter() - t0
+            record = {"iteration": it, "seconds": seconds, **_finite_logs(logs)}
+            if run.eval_every and it % run.eval_every == 0 and it < run.iterations:
+                last_eval = evaluate_method(method, dataset, settings, device, n_nets=1)
+                record["eval_accuracy"] = last_eval["mean"]
+            _append_jsonl(out / "metrics.jsonl", record)
+            if it % run.checkpoint_every == 0 or it == run.iterations or stop:
+                save_checkpoint(out / "checkpoints", it, method.state_dict())
+            status = f"loss {record.get('loss', math.nan):.4g}"
+            if last_eval is not None:
+                status += f" acc {100 * last_eval['mean']:.1f}%"
+            progress.update(task, advance=1, status=status)
+            if stop:
+                raise Interrupted(stop["signum"])
+
+    return finish_run(method, dataset, settings, out, device, console)
+
+
+def finish_run(method, dataset, settings: Settings, out: Path, device: str, console) -> dict[str, Any]:
+    """Write the synthetic set, its picture, the evaluation and (last) the manifest."""
+    x, y = method.synthetic_set()
+    tensors = {"images": x, "labels": y}
+    if hasattr(method, "learned_lr"):
+        tensors["syn_lr"] = torch.tensor([float(method.learned_lr())])
+    save_tensors(out / "synthetic.safetensors", tensors, metadata={"method": settings.run.method,
+                                                                  "dataset": settings.run.dataset})
+    save_grid(x, y, dataset, out / "synthetic.png")
+    console.print(f"evaluating the distilled set on {settings.run.evals} fresh nets ...")
+    result = evaluate_method(method, dataset, settings, device, n_nets=settings.run.evals)
+    atomic_write_json(out / "eval.json", {"method": settings.run.method, "dataset": settings.run.dataset,
+                                          "ipc": settings.run.ipc, **result})
+    write_manifest(out, settings, {"method": settings.run.method, "iterations": settings.run.iterations,
+                                   "accuracy_mean": result["mean"], "accuracy_std": result["std"]})
+    return result
+
+
+def load_settings_from_run(out: str | Path) -> Settings:
+    path = Path(out) / "config.toml"
+    if not path.exists():
+        raise UserError(f"{out} is not a run directory (config.toml is missing).")
+    return build_settings(read_toml(path))
