@@ -218,6 +218,18 @@ def evaluate_method(method, dataset, settings: Settings, device: str, n_nets: in
     return evaluate_synthetic(x, y, dataset, cfg, seed=settings.run.seed, device=device, lr=lr)
 
 
+def _check_finite(method, logs: dict[str, Any], settings: Settings) -> None:
+    """Stop before a NaN/Inf state can be checkpointed; the last checkpoint stays the good one."""
+    loss = logs.get("loss", 0.0)
+    if math.isfinite(float(loss)) and bool(torch.isfinite(method.images).all()):
+        return
+    lr_img = settings.method.get("lr_img")
+    now = f" (now {lr_img})" if lr_img is not None else ""
+    raise NonFiniteError(f"The loss or the synthetic images became NaN/Inf at iteration {method.iteration}; "
+                         f"lower lr_img{now} in [method_config] (and lr_lr for MTT), then resume from the last "
+                         "checkpoint.")
+
+
 def distill(settings: Settings, out: str | Path, *, resume: bool = False, console=None) -> dict[str, Any]:
     """Run (or resume) a distillation into ``out``; returns the final evaluation."""
     from rich.console import Console
@@ -241,6 +253,8 @@ def distill(settings: Settings, out: str | Path, *, resume: bool = False, consol
             start, state = found
             method.load_state_dict(state)
             console.print(f"resuming from iteration {start}")
+    else:
+        save_checkpoint(out / "checkpoints", 0, method.state_dict())  # a good state exists from the start
     _truncate_metrics(out / "metrics.jsonl", start)
 
     stop: dict[str, int] = {}
@@ -251,11 +265,8 @@ def distill(settings: Settings, out: str | Path, *, resume: bool = False, consol
         task = progress.add_task(f"distill {run.method}", total=run.iterations, completed=start, status="")
         for it in range(start + 1, run.iterations + 1):
             t0 = time.perf_counter()
-            try:
-                logs = method.step()
-            except NonFiniteError:
-                save_checkpoint(out / "checkpoints", it - 1, method.state_dict())
-                raise
+            logs = method.step()
+            _check_finite(method, logs, settings)
             seconds = time.perf_counter() - t0
             record = {"iteration": it, "seconds": seconds, **_finite_logs(logs)}
             if run.eval_every and it % run.eval_every == 0 and it < run.iterations:
