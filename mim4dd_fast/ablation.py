@@ -1,0 +1,384 @@
+"""Ablation and sensitivity sweeps over MIM4DD's knobs: grid parsing, cached cells, report.
+
+A *cell* is one setting of the swept parameters and one seed: distil, then evaluate on fresh nets.
+Finished cells are cached as JSON (atomically) under ``OUT/cells/`` keyed by a hash of everything that
+determines them, so an interrupted sweep resumes without recomputing them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+# parameter -> (kind, parser); kinds: "mim" settings, "method" base settings
+PARAMETERS = ("beta", "tau", "lambda", "head", "head_width", "critic", "noise_ratio", "layers", "n_real",
+              "lr_img", "syn_steps")
+
+# The default sweep: one parameter at a time around the defaults (digits, under 20 min on 2 cores).
+DEFAULT_SWEEP = {
+    "tau": ["0.05", "0.1", "0.5"],
+    "beta": ["uniform", "geometric:0.5", "geometric:2"],
+    "head": ["identity", "linear", "mlp"],
+    "critic": ["infonce", "nce"],
+    "lambda": ["0", "0.1", "1"],
+}
+
+
+def _number(param: str, text: str, kind=float, positive: bool = False, non_negative: bool = False):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"Grid value {text!r} for {param!r} is not a valid {kind.__name__}.") from None
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"Grid value {text!r} for {param!r} must be finite.")
+    if positive and value <= 0:
+        raise ConfigError(f"Grid value {text!r} for {param!r} must be positive.")
+    if non_negative and value < 0:
+        raise ConfigError(f"Grid value {text!r} for {param!r} must not be negative.")
+    return value
+
+
+def setting_for(param: str, text: str) -> dict[str, dict[str, Any]]:
+    """Translate one grid value into settings overrides: {"mim": {...}, "method_config": {...}}."""
+    text = str(text).strip()
+    if param == "tau":
+        return {"mim": {"tau": _number(param, text, positive=True)}}
+    if param == "lambda":
+        return {"mim": {"lam": _number(param, text, non_negative=True)}}
+    if param == "noise_ratio":
+        return {"mim": {"noise_ratio": _number(param, text, positive=True)}}
+    if param == "n_real":
+        return {"mim": {"n_real": _number(param, text, int, positive=True)}}
+    if param == "head_width":
+        return {"mim": {"head_width": _number(param, text, int, positive=True)}}
+    if param == "lr_img":
+        return {"method_config": {"lr_img": _number(param, text, positive=True)}}
+    if param == "syn_steps":
+        return {"method_config": {"syn_steps": _number(param, text, int, positive=True)}}
+    if param == "beta":
+        if text == "uniform":
+            return {"mim": {"beta": "uniform"}}
+        if text.startswith("geometric"):
+            _, _, value = text.partition(":")
+            return {"mim": {"beta": "geometric", "beta_value": _number(param, value or "0.5", positive=True)}}
+        if "/" in text:
+            return {"mim": {"beta_list": [_number(param, v, positive=True) for v in text.split("/")]}}
+        raise ConfigError(f"Grid value {text!r} for 'beta' must be uniform, geometric:VALUE or a list like 1/2/3.")
+    if param == "head":
+        name, _, width = text.partition(":")
+        if name not in ("identity", "linear", "mlp"):
+            raise ConfigError(f"Grid value {text!r} for 'head' must be identity, linear or mlp (optionally :WIDTH).")
+        out: dict[str, Any] = {"head": name}
+        if width:
+            out["head_width"] = _number(param, width, int, positive=True)
+        return {"mim": out}
+    if param == "critic":
+        name, _, ratio = text.partition(":")
+        if name not in ("infonce", "nce"):
+            raise ConfigError(f"Grid value {text!r} for 'critic' must be infonce or nce (optionally nce:RATIO).")
+        out = {"critic": name}
+        if ratio:
+            out["noise_ratio"] = _number(param, ratio, positive=True)
+        return {"mim": out}
+    if param == "layers":
+        if text == "all":
+            return {"mim": {"layers": None}}
+        return {"mim": {"layers": [t for t in text.split("+") if t]}}
+    raise ConfigError(f"Unknown grid parameter {param!r}; choose from {', '.join(PARAMETERS)}.")
+
+
+def parse_grid_args(items: list[str]) -> dict[str, list[str]]:
+    """``["tau=0.05,0.1", "beta=uniform,geometric:0.5"]`` -> ordered {param: [values]} (validated)."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        param, sep, values = item.partition("=")
+        param = param.strip()
+        if not sep or not param:
+            raise ConfigError(f"Grid {item!r} must look like name=value1,value2.")
+        if param not in PARAMETERS:
+            raise ConfigError(f"Unknown grid parameter {param!r}; choose from {', '.join(PARAMETERS)}.")
+        if param in grid:
+            raise ConfigError(f"Grid parameter {param!r} is given twice.")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not vals:
+            raise ConfigError(f"Grid parameter {param!r} has an empty list of values.")
+        for v in vals:
+            setting_for(param, v)  # validate now, before any work
+        grid[param] = vals
+    return grid
+
+
+def parse_grid_file(path: str | Path) -> dict[str, list[str]]:
+    """A TOML file with a ``[grid]`` table: ``tau = [0.05, 0.1]``, ``beta = ["uniform", "geometric:0.5"]``."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"Grid file {path} does not exist.") from None
+    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Grid file {path} is not valid TOML ({exc}).") from None
+    table = data.get("grid")
+    if not isinstance(table, dict) or not table:
+        raise ConfigError(f"Grid file {path} needs a non-empty [grid] table.")
+    items = []
+    for key, values in table.items():
+        if not isinstance(values, list):
+            raise ConfigError(f"Grid parameter {key!r} in {path} must be a list.")
+        items.append(f"{key}=" + ",".join(str(v).lower() if isinstance(v, bool) else str(v) for v in values))
+    return parse_grid_args(items)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the sweep: the swept values (in grid order) and a seed."""
+
+    params: tuple[tuple[str, str], ...]
+    seed: int
+
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {"mim": {}, "method_config": {}}
+        for param, value in self.params:
+            for table, values in setting_for(param, value).items():
+                out[table].update(values)
+        return out
+
+    def label(self) -> str:
+        return ", ".join(f"{p}={v}" for p, v in self.params)
+
+
+def make_cells(grid: dict[str, list[str]], seeds: list[int], one_at_a_time: bool = False) -> list[Cell]:
+    """Product of the grid (or one parameter at a time, others at their defaults) x seeds."""
+    points: list[tuple[tuple[str, str], ...]] = []
+    if one_at_a_time:
+        for param, values in grid.items():
+            points += [((param, v),) for v in values]
+    else:
+        names = list(grid)
+        points = [tuple(zip(names, combo, strict=True)) for combo in itertools.product(*(grid[n] for n in names))]
+    return [Cell(p, s) for p in points for s in seeds]
+
+
+def cell_key(cell: Cell, base: dict[str, Any]) -> str:
+    blob = json.dumps({"params": cell.params, "seed": cell.seed, "base": base}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_cell(cell: Cell, base: dict[str, Any], experts_dir: str | None, threads: int = 1) -> dict[str, Any]:
+    """Distil and evaluate one cell (runs in a worker process when --workers > 1)."""
+    import torch
+
+    from .runner import build_run_method, evaluate_method, load_run_dataset
+    from .settings import build_settings, merge_layers
+
+    torch.set_num_threads(threads)
+    layer = {**cell.overrides(), "seed": cell.seed}
+    settings = build_settings(merge_layers(base, layer))
+    dataset = load_run_dataset(settings.run)
+    dataset.class_index.check_ipc(settings.run.ipc)
+    out = Path(experts_dir) if experts_dir else Path(".")
+    t0 = time.perf_counter()
+    method = build_run_method(settings, dataset, out, "cpu")
+    history: list[dict[str, float]] = []
+    for _ in range(settings.run.iterations):
+        logs = method.step()
+        history.append({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
+    distill_seconds = time.perf_counter() - t0
+    result = evaluate_method(method, dataset, settings, "cpu", n_nets=settings.run.evals)
+    tail = history[-min(5, len(history)):]
+    mi = {k: sum(h[k] for h in tail) / len(tail) for k in tail[-1] if k.startswith("mi_lb/")}
+    return {"params": dict(cell.params), "seed": cell.seed, "accuracy_mean": result["mean"],
+            "accuracy_std": result["std"], "accuracies": result["accuracies"], "mi_lb": mi,
+            "final_loss": tail[-1].get("loss"), "mim_loss": tail[-1].get("mim_loss"),
+            "distill_seconds": distill_seconds}
+
+
+def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: int = 1, console=None) -> list[dict]:
+    """Run every cell not already cached in ``out/cells``; rich progress over cells; returns all results."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .io import atomic_write_json
+    from .runner import _experts_for, load_run_dataset
+    from .settings import build_settings, merge_layers
+
+    cache = out / "cells"
+    cache.mkdir(parents=True, exist_ok=True)
+    pending = [c for c in cells if not (cache / f"{cell_key(c, base)}.json").exists()]
+    if pending and str(base.get("method", "")).split("+")[0] in ("mtt", "mim4dd"):
+        for seed in sorted({c.seed for c in pending}):  # build experts once, before workers race for them
+            settings = build_settings(merge_layers(base, {"seed": seed}))
+            _experts_for(settings, load_run_dataset(settings.run), out, "cpu")
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("ablation cells", total=len(cells), completed=len(cells) - len(pending))
+
+        def store(cell: Cell, result: dict) -> None:
+            atomic_write_json(cache / f"{cell_key(cell, base)}.json", result)
+            progress.update(task, advance=1, description=f"done: {cell.label()} seed {cell.seed}")
+
+        if workers <= 1:
+            for cell in pending:
+                store(cell, run_cell(cell, base, str(out)))
+        else:
+            threads = 1
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(run_cell, c, base, str(out), threads): c for c in pending}
+                for future in as_completed(futures):
+                    store(futures[future], future.result())
+    return [json.loads((cache / f"{cell_key(c, base)}.json").read_text()) for c in cells]
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """Group results by swept values: accuracy mean ± std over seeds x nets, MI bound per layer."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault(tuple(sorted(r["params"].items())), []).append(r)
+    rows = []
+    for key, members in groups.items():
+        accs = [a for m in members for a in m["accuracies"]]
+        seed_means = [m["accuracy_mean"] for m in members]
+        mean = sum(accs) / len(accs)
+        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))
+        layers = sorted({k for m in members for k in m["mi_lb"]})
+        mi = {k: sum(m["mi_lb"].get(k, 0.0) for m in members) / len(members) for k in layers}
+        seed_std = math.sqrt(sum((s - sum(seed_means) / len(seed_means)) ** 2 for s in seed_means) / len(seed_means))
+        rows.append({"params": dict(key), "accuracy_mean": mean, "accuracy_std": std, "seed_std": seed_std,
+                     "n": len(accs), "seeds": len(members), "mi_lb": mi})
+    return rows
+
+
+def _order(values: list[str]) -> list[str]:
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return values
+
+
+def write_report(results: list[dict], grid: dict[str, list[str]], out: Path, *, title: str, command: str,
+                 one_at_a_time: bool) -> Path:
+    """Markdown table + PNGs: accuracy (± std) and MI bound per layer vs each parameter, heatmap, sensitivity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write_text
+
+    rows = summarise(results)
+    figures: list[str] = []
+    sensitivity: dict[str, tuple[float, float]] = {}
+    params = list(grid)
+    for param in params:
+        sub = [r for r in rows if param in r["params"] and (not one_at_a_time or len(r["params"]) == 1)]
+        if len(params) > 1 and not one_at_a_time:
+            # product grid: average over the other parameters for the marginal plot
+            merged: dict[str, list[dict]] = {}
+            for r in sub:
+                merged.setdefault(r["params"][param], []).append(r)
+            sub = [{"params": {param: v}, "accuracy_mean": sum(m["accuracy_mean"] for m in ms) / len(ms),
+                    "accuracy_std": sum(m["accuracy_std"] for m in ms) / len(ms),
+                    "seed_std": sum(m["seed_std"] for m in ms) / len(ms),
+                    "mi_lb": {k: sum(m["mi_lb"].get(k, 0) for m in ms) / len(ms) for k in ms[0]["mi_lb"]}}
+                   for v, ms in merged.items()]
+        by_value = {r["params"][param]: r for r in sub}
+        values = [v for v in _order(grid[param]) if v in by_value]
+        if not values:
+            continue
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+        xs = range(len(values))
+        ax1.errorbar(xs, [100 * by_value[v]["accuracy_mean"] for v in values],
+                     yerr=[100 * by_value[v]["accuracy_std"] for v in values], marker="o", capsize=4)
+        ax1.set_xticks(list(xs), values)
+        ax1.set_xlabel(param)
+        ax1.set_ylabel("test accuracy (%)")
+        ax1.set_title(f"accuracy vs {param}")
+        layers = sorted({k for v in values for k in by_value[v]["mi_lb"]})
+        for layer in layers:
+            ax2.plot(xs, [by_value[v]["mi_lb"].get(layer, math.nan) for v in values], marker="o",
+                     label=layer.removeprefix("mi_lb/"))
+        ax2.set_xticks(list(xs), values)
+        ax2.set_xlabel(param)
+        ax2.set_ylabel("MI lower bound (nats)")
+        ax2.set_title("InfoNCE bound per layer")
+        if layers:
+            ax2.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"{param}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        figures.append(name)
+        means = [by_value[v]["accuracy_mean"] for v in values]
+        noise = sum(by_value[v]["seed_std"] for v in values) / len(values)
+        sensitivity[param] = (max(means) - min(means), noise)
+
+    if sensitivity:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        names = list(sensitivity)
+        spread = [100 * sensitivity[n][0] for n in names]
+        noise = [100 * sensitivity[n][1] for n in names]
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], spread, width=0.4, label="spread of mean accuracy over the range")
+        ax.bar([x + 0.2 for x in xs], noise, width=0.4, label="seed noise (std of per-seed means)")
+        ax.set_xticks(list(xs), names)
+        ax.set_ylabel("accuracy points")
+        ax.set_title("sensitivity: effect of each parameter vs seed noise")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "sensitivity.png", dpi=110)
+        plt.close(fig)
+        figures.append("sensitivity.png")
+
+    if len(params) == 2 and not one_at_a_time:
+        p1, p2 = params
+        v1, v2 = _order(grid[p1]), _order(grid[p2])
+        table = {(r["params"][p1], r["params"][p2]): r["accuracy_mean"] for r in rows}
+        grid_vals = [[100 * table.get((a, b), math.nan) for b in v2] for a in v1]
+        fig, ax = plt.subplots(figsize=(1.2 * len(v2) + 2.5, 0.8 * len(v1) + 1.8))
+        im = ax.imshow(grid_vals, cmap="viridis")
+        ax.set_xticks(range(len(v2)), v2)
+        ax.set_yticks(range(len(v1)), v1)
+        ax.set_xlabel(p2)
+        ax.set_ylabel(p1)
+        for i, row in enumerate(grid_vals):
+            for j, val in enumerate(row):
+                ax.text(j, i, f"{val:.1f}", ha="center", va="center", color="w", fontsize=8)
+        fig.colorbar(im, label="accuracy (%)")
+        fig.tight_layout()
+        fig.savefig(out / "heatmap.png", dpi=110)
+        plt.close(fig)
+        figures.append("heatmap.png")
+
+    lines = [f"# {title}", "", f"Produced by: `{command}`", "",
+             "| setting | accuracy (%) | std over nets x seeds | seed noise | n | MI lower bound per layer (nats) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        label = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        mi = ", ".join(f"{k.removeprefix('mi_lb/')}: {v:.3f}" for k, v in r["mi_lb"].items()) or "-"
+        lines.append(f"| {label} | {100 * r['accuracy_mean']:.2f} | {100 * r['accuracy_std']:.2f} | "
+                     f"{100 * r['seed_std']:.2f} | {r['n']} | {mi} |")
+    if sensitivity:
+        lines += ["", "## Sensitivity (accuracy points)", "", "| parameter | spread over range | seed noise | ratio |",
+                  "|---|---|---|---|"]
+        for name, (spread, noise) in sensitivity.items():
+            ratio = spread / noise if noise > 0 else math.inf
+            lines.append(f"| {name} | {100 * spread:.2f} | {100 * noise:.2f} | {ratio:.2f} |")
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
