@@ -40,7 +40,9 @@ def _text(value: Any) -> Any:
 def _as_str_dict(obj: Any, path: Path) -> dict[str, Any]:
     """Keys as str whether the pickle came from Python 2 (bytes keys) or Python 3 (str keys)."""
     if not isinstance(obj, dict):
-        raise DataError(f"{path} does not hold a CIFAR dict (found {type(obj).__name__}); is it the python version?")
+        raise DataError(
+            f"{path} does not hold a CIFAR dict (found {type(obj).__name__}); is it the python version?"
+        )
     return {_text(k): v for k, v in obj.items()}
 
 
@@ -67,7 +69,9 @@ def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray
         raise DataError(f"CIFAR batch file {path} is missing; the dataset directory is incomplete.")
     batch = _as_str_dict(safe_load(path), path)
     if "data" not in batch or label_key not in batch:
-        raise DataError(f"{path} lacks the 'data' or '{label_key}' entry; it is not a CIFAR batch of this dataset.")
+        raise DataError(
+            f"{path} lacks the 'data' or '{label_key}' entry; it is not a CIFAR batch of this dataset."
+        )
     data, labels = batch["data"], batch[label_key]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__

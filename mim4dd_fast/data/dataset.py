@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,7 +79,16 @@ class ClassIndex:
             raise DataError(f"IPC must be at least 1, got {ipc}.")
         smallest = self.smallest_class()
         if ipc > smallest:
-            raise DataError(f"IPC {ipc} is larger than the smallest class, which has {smallest} training images.")
+            raise DataError(
+                f"IPC {ipc} is larger than the smallest class, which has {smallest} training images."
+            )
+
+
+def _to_unit_float(x: np.ndarray) -> Tensor:
+    """uint8 0..255 or float in [0, 1] -> a fresh float32 tensor in [0, 1] (safe to modify in place)."""
+    if x.dtype == np.uint8:
+        return torch.from_numpy(np.array(x, copy=True)).float().div_(255.0)
+    return torch.tensor(np.asarray(x, dtype=np.float32))
 
 
 def _finish(
@@ -91,11 +101,16 @@ def _finish(
     *,
     zca: bool,
     normalize: bool,
+    image_size: int | None = None,
     skipped: int = 0,
 ) -> Dataset:
-    """Turn uint8/float [N,C,H,W] arrays in [0,1] into a normalised Dataset (train-split statistics)."""
-    xtr = torch.as_tensor(np.ascontiguousarray(x_train), dtype=torch.float32)
-    xte = torch.as_tensor(np.ascontiguousarray(x_test), dtype=torch.float32)
+    """Turn uint8 (0..255) or float ([0, 1]) [N,C,H,W] arrays into a normalised Dataset.
+
+    Order: to [0, 1], resize, per-channel mean/std of the training split, then ZCA fitted on the
+    normalised training split (as MTT: Normalize, then kornia ZCAWhitening).
+    """
+    xtr = _resize(_to_unit_float(x_train), image_size)
+    xte = _resize(_to_unit_float(x_test), image_size)
     if xtr.numel() == 0:
         raise DataError(f"Dataset {name!r} has no training images.")
     c = xtr.shape[1]
@@ -104,10 +119,12 @@ def _finish(
         std = xtr.std(dim=(0, 2, 3)).clamp_min(1e-6)
     else:
         mean, std = torch.zeros(c), torch.ones(c)
-    xtr = (xtr - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    xte = (xte - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    xtr.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+    xte.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
     whitening = None
     if zca:
+        if xtr.shape[0] < 2:
+            raise DataError(f"ZCA whitening needs at least two training images; {name!r} has one.")
         whitening = ZCA.fit(xtr)
         xtr, xte = whitening(xtr), whitening(xte)
     return Dataset(
@@ -124,11 +141,11 @@ def _finish(
     )
 
 
-def _resize(x: np.ndarray, size: int | None) -> np.ndarray:
-    if size is None or x.shape[-1] == size:
+def _resize(x: Tensor, size: int | None) -> Tensor:
+    """Bilinear (antialiased) resize to size x size; a no-op when the images already have that size."""
+    if size is None or (x.shape[-1] == size and x.shape[-2] == size) or x.shape[0] == 0:
         return x
-    t = torch.as_tensor(x, dtype=torch.float32)
-    return torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True).numpy()
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True).clamp_(0, 1)
 
 
 def load_dataset(
@@ -147,26 +164,29 @@ def load_dataset(
     """
     from . import sources
 
-    key = name.lower()
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1
+    ):
+        raise DataError(f"image size must be a positive integer, got {image_size!r}.")
+    key = name.strip().lower()
+    skipped = 0
     if key == "digits":
         arrays, classes = sources.load_digits(seed=seed), [str(i) for i in range(10)]
-        skipped = 0
     elif key in ("cifar10", "cifar100"):
         arrays, classes = sources.load_cifar(key, root)
-        skipped = 0
     elif key in ("mnist", "fashion-mnist", "fashionmnist"):
+        key = "fashion-mnist" if key == "fashionmnist" else key
         arrays, classes = sources.load_mnist(key, root)
-        skipped = 0
     elif key.startswith("imagefolder:") or key == "imagefolder":
-        path = name.split(":", 1)[1] if ":" in name else root
+        path = name.strip().split(":", 1)[1] if ":" in name else None
+        path = path or root
         arrays, classes, skipped = sources.load_imagefolder(path, image_size or 32, seed=seed)
+        key = "imagefolder"
     else:
         raise DataError(
-            f"Unknown dataset {name!r}; choose digits, cifar10, cifar100, mnist, fashion-mnist or imagefolder:PATH."
+            f"Unknown dataset {name!r}; choose digits, cifar10, cifar100, mnist, fashion-mnist "
+            "or imagefolder:PATH."
         )
     x_train, y_train, x_test, y_test = arrays
-    if image_size is not None and image_size < 1:
-        raise DataError(f"image size must be at least 1, got {image_size}.")
-    x_train, x_test = _resize(x_train, image_size), _resize(x_test, image_size)
-    return _finish(key.split(":")[0], x_train, y_train, x_test, y_test, classes, zca=zca, normalize=normalize,
-                   skipped=skipped)
+    return _finish(key, x_train, y_train, x_test, y_test, classes, zca=zca, normalize=normalize,
+                   image_size=image_size, skipped=skipped)

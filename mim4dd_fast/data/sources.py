@@ -1,13 +1,19 @@
-"""Readers for each on-disk format; each returns (x_train, y_train, x_test, y_test) as numpy arrays.
+"""One reader per source; each returns (x_train, y_train, x_test, y_test) as numpy arrays.
 
-Images are float32 [N, C, H, W] in [0, 1]. Every failure raises DataError with one clear sentence.
+Images are [N, C, H, W], either uint8 (0..255: CIFAR, MNIST, image folders) or float32 in [0, 1]
+(digits); ``dataset._finish`` turns both into float32 in [0, 1]. Every failure raises DataError with
+one clear sentence. The file formats live in their own modules (cifar, mnist, imagefolder).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import DataError
+from .cifar import load_cifar
+from .imagefolder import load_imagefolder
+from .mnist import load_mnist
+
+__all__ = ["load_cifar", "load_digits", "load_imagefolder", "load_mnist"]
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.2):
@@ -24,15 +30,3 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2):
         rng.shuffle(idx)
         test_mask[idx[: int(round(len(idx) * test_fraction))]] = True
     return x[~test_mask], y[~test_mask], x[test_mask], y[test_mask]
-
-
-def load_cifar(name: str, root: str | None):
-    raise DataError(f"{name} loading is not implemented yet.")
-
-
-def load_mnist(name: str, root: str | None):
-    raise DataError(f"{name} loading is not implemented yet.")
-
-
-def load_imagefolder(path: str | None, size: int, seed: int = 0):
-    raise DataError("imagefolder loading is not implemented yet.")

@@ -1,0 +1,572 @@
+"""Datasets: every reader on small files written here in the real on-disk formats.
+
+Expected values come from how the files were written (the official layouts), not from the loader.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mim4dd_fast.data import ClassIndex, load_dataset
+from mim4dd_fast.data.zca import ZCA
+from mim4dd_fast.errors import DataError, UserError
+
+# --------------------------------------------------------------------------------------------- CIFAR
+
+
+def _hwc_images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def _cifar_rows(img_hwc: np.ndarray) -> np.ndarray:
+    """Official layout: 1024 red values, then green, then blue, each plane row-major."""
+    return np.ascontiguousarray(img_hwc.transpose(0, 3, 1, 2).reshape(len(img_hwc), 3072))
+
+
+def _dump(path, obj, protocol=2):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=protocol)
+
+
+def write_cifar10(directory, per_batch=6, protocol=2, seed=0):
+    """Python-2-style batches (bytes keys); returns (train_hwc, train_labels, test_hwc, test_labels)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    train_imgs, train_labels = [], []
+    for b in range(1, 6):
+        imgs = _hwc_images(per_batch, seed + b)
+        labels = rng.integers(0, 10, size=per_batch).tolist()
+        _dump(directory / f"data_batch_{b}", {
+            b"batch_label": f"training batch {b} of 5".encode(),
+            b"labels": labels,
+            b"data": _cifar_rows(imgs),
+            b"filenames": [f"img_{b}_{i}.png".encode() for i in range(per_batch)],
+        }, protocol)
+        train_imgs.append(imgs)
+        train_labels += labels
+    test_imgs = _hwc_images(per_batch, seed + 99)
+    test_labels = rng.integers(0, 10, size=per_batch).tolist()
+    _dump(directory / "test_batch", {b"labels": test_labels, b"data": _cifar_rows(test_imgs)}, protocol)
+    names = [n.encode() for n in ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                   "ship", "truck"]]
+    _dump(directory / "batches.meta", {b"label_names": names, b"num_vis": 3072}, protocol)
+    return np.concatenate(train_imgs), np.array(train_labels), test_imgs, np.array(test_labels)
+
+
+def _as_nchw(img_hwc):
+    return torch.tensor(img_hwc.transpose(0, 3, 1, 2), dtype=torch.float32) / 255.0
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_reads_official_layout(tmp_path, protocol):
+    tr, ytr, te, yte = write_cifar10(tmp_path / "cifar-10-batches-py", protocol=protocol)
+    for root in (tmp_path, tmp_path / "cifar-10-batches-py"):  # parent or the folder itself
+        ds = load_dataset("cifar10", str(root), normalize=False)
+        assert ds.x_train.shape == (30, 3, 32, 32) and ds.x_test.shape == (6, 3, 32, 32)
+        torch.testing.assert_close(ds.x_train, _as_nchw(tr), rtol=0, atol=1e-7)
+        torch.testing.assert_close(ds.x_test, _as_nchw(te), rtol=0, atol=1e-7)
+        assert ds.y_train.tolist() == ytr.tolist() and ds.y_test.tolist() == yte.tolist()
+        assert ds.class_names[0] == "airplane" and ds.class_names[9] == "truck"
+        assert ds.name == "cifar10" and ds.num_classes == 10
+
+
+def _py2_str(b: bytes) -> bytes:
+    """A Python-2 ``str`` opcode (SHORT_BINSTRING / BINSTRING): what the official batches contain."""
+    return (b"U" + bytes([len(b)]) + b) if len(b) < 256 else (b"T" + struct.pack("<i", len(b)) + b)
+
+
+def _py2_batch(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch pickled as Python 2 + numpy 1 did (opcode by opcode): ``numpy.core`` globals, str buffers."""
+    u1 = (b"cnumpy\ndtype\n" + _py2_str(b"u1") + b"\x89\x88\x87R"
+          + b"(K\x03" + _py2_str(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
+    shape = b"(" + b"".join(b"J" + struct.pack("<i", n) for n in data.shape) + b"t"
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + _py2_str(b"b") + b"\x87R"
+             + b"(K\x01" + shape + u1 + b"\x89" + _py2_str(data.tobytes()) + b"tb")
+    label_list = b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return b"\x80\x02}(" + _py2_str(b"data") + array + _py2_str(b"labels") + label_list + b"u."
+
+
+def test_cifar10_python2_numpy1_batch(tmp_path):
+    d = tmp_path / "c"
+    write_cifar10(d)
+    imgs = _hwc_images(3, 5)
+    (d / "test_batch").write_bytes(_py2_batch(_cifar_rows(imgs), [7, 0, 9]))
+    ds = load_dataset("cifar10", str(d), normalize=False)
+    assert ds.y_test.tolist() == [7, 0, 9]
+    torch.testing.assert_close(ds.x_test, _as_nchw(imgs), rtol=0, atol=1e-7)
+
+
+def test_cifar10_python3_str_keys(tmp_path):
+    d = tmp_path / "c"
+    write_cifar10(d)
+    imgs = _hwc_images(4, 7)
+    _dump(d / "test_batch", {"labels": [1, 2, 3, 4], "data": _cifar_rows(imgs)}, protocol=4)
+    ds = load_dataset("cifar10", str(d), normalize=False)
+    assert ds.y_test.tolist() == [1, 2, 3, 4]
+    torch.testing.assert_close(ds.x_test, _as_nchw(imgs), rtol=0, atol=1e-7)
+
+
+def test_cifar10_normalised_with_train_statistics(tmp_path):
+    tr, _, te, _ = write_cifar10(tmp_path / "c")
+    ds = load_dataset("cifar10", str(tmp_path / "c"))
+    raw_tr, raw_te = _as_nchw(tr).double(), _as_nchw(te).double()
+    mean = raw_tr.mean(dim=(0, 2, 3))
+    std = raw_tr.permute(1, 0, 2, 3).reshape(3, -1).std(dim=1)  # unbiased, as torch.std
+    np.testing.assert_allclose(ds.mean, mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(ds.std, std.numpy(), rtol=1e-5)
+    expected_te = (raw_te - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    torch.testing.assert_close(ds.x_test.double(), expected_te, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ds.denormalize(ds.x_train).double(), raw_tr, rtol=0, atol=1e-5)
+
+
+def test_cifar100(tmp_path):
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    rng = np.random.default_rng(3)
+    tr, te = _hwc_images(12, 1), _hwc_images(5, 2)
+    fine_tr, fine_te = rng.integers(0, 100, 12).tolist(), rng.integers(0, 100, 5).tolist()
+    _dump(d / "train", {b"data": _cifar_rows(tr), b"fine_labels": fine_tr, b"coarse_labels": [0] * 12})
+    _dump(d / "test", {b"data": _cifar_rows(te), b"fine_labels": fine_te, b"coarse_labels": [0] * 5})
+    _dump(d / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+                       b"coarse_label_names": [f"s{i}".encode() for i in range(20)]})
+    ds = load_dataset("cifar100", str(tmp_path), normalize=False)
+    assert ds.num_classes == 100 and ds.class_names[42] == "c42"
+    assert ds.y_train.tolist() == fine_tr and ds.y_test.tolist() == fine_te
+    torch.testing.assert_close(ds.x_train, _as_nchw(tr), rtol=0, atol=1e-7)
+
+
+class _SystemPayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _OpenPayload:
+    """Creating a file through ``open(path, 'w')``: no shell needed, so its effect is certain."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return io.open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("payload", [_SystemPayload, _OpenPayload])
+def test_cifar_malicious_pickle_is_refused_without_running(tmp_path, payload):
+    d = tmp_path / "c"
+    write_cifar10(d)
+    marker = tmp_path / "pwned"
+    _dump(d / "data_batch_2", {b"data": payload(marker), b"labels": [0]})
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar10", str(d))
+    msg = str(err.value)
+    assert "data_batch_2" in msg and "Refused" in msg
+    assert ("system" in msg) if payload is _SystemPayload else ("io.open" in msg)
+    assert not marker.exists()
+
+
+def test_malicious_payload_is_live_under_plain_pickle(tmp_path):
+    """Control for the test above: the same payload does create its file when unpickled normally."""
+    marker = tmp_path / "control"
+    pickle.loads(pickle.dumps({b"data": _OpenPayload(marker)}))[b"data"].close()
+    assert marker.exists()
+
+
+def test_cifar_truncated_batch(tmp_path):
+    d = tmp_path / "c"
+    write_cifar10(d)
+    blob = (d / "data_batch_4").read_bytes()
+    (d / "data_batch_4").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError, match=r"data_batch_4 is truncated"):
+        load_dataset("cifar10", str(d))
+
+
+def test_cifar_missing_file_and_directory(tmp_path):
+    d = tmp_path / "c"
+    write_cifar10(d)
+    (d / "data_batch_3").unlink()
+    with pytest.raises(DataError, match=r"data_batch_3 is missing"):
+        load_dataset("cifar10", str(d))
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("cifar10", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="No cifar100 files"):
+        load_dataset("cifar100", str(d))
+    with pytest.raises(DataError, match="needs a data directory"):
+        load_dataset("cifar10", None)
+
+
+@pytest.mark.parametrize(
+    "batch, fragment",
+    [
+        ({b"data": np.zeros((3, 100), np.uint8), b"labels": [0, 1, 2]}, "uint8 \\[N, 3072\\]"),
+        ({b"data": np.zeros((3, 3072), np.float32), b"labels": [0, 1, 2]}, "float32"),
+        ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1]}, "3 images but labels"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, "outside 0..9"),
+        ({b"pixels": np.zeros((2, 3072), np.uint8)}, "lacks the 'data'"),
+        ([1, 2, 3], "does not hold a CIFAR dict"),
+    ],
+)
+def test_cifar_wrong_content(tmp_path, batch, fragment):
+    d = tmp_path / "c"
+    write_cifar10(d)
+    _dump(d / "test_batch", batch)
+    with pytest.raises(DataError, match=fragment):
+        load_dataset("cifar10", str(d))
+
+
+def test_not_a_pickle(tmp_path):
+    d = tmp_path / "c"
+    write_cifar10(d)
+    (d / "batches.meta").write_bytes(b"\x89PNG not a pickle at all")
+    with pytest.raises(DataError, match="batches.meta"):
+        load_dataset("cifar10", str(d))
+
+
+# --------------------------------------------------------------------------------------------- MNIST
+
+
+def _idx_bytes(magic: int, array: np.ndarray) -> bytes:
+    return struct.pack(f">{1 + array.ndim}i", magic, *array.shape) + array.astype(np.uint8).tobytes()
+
+
+def write_mnist(directory, n_train=12, n_test=5, gz=False, seed=0):
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n, stems in (("train", n_train, ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")),
+                            ("test", n_test, ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        for stem, magic, arr in ((stems[0], 2051, images), (stems[1], 2049, labels)):
+            blob = _idx_bytes(magic, arr)
+            if gz:
+                (directory / f"{stem}.gz").write_bytes(gzip.compress(blob))
+            else:
+                (directory / stem).write_bytes(blob)
+        out[split] = (images, labels)
+    return out
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_idx(tmp_path, gz):
+    written = write_mnist(tmp_path, gz=gz)
+    ds = load_dataset("mnist", str(tmp_path), normalize=False)
+    images, labels = written["train"]
+    assert ds.x_train.shape == (12, 1, 28, 28) and ds.x_test.shape == (5, 1, 28, 28)
+    torch.testing.assert_close(ds.x_train[:, 0] * 255, torch.tensor(images, dtype=torch.float32), rtol=0,
+                               atol=1e-4)
+    assert ds.y_train.tolist() == labels.tolist()
+    assert ds.y_test.tolist() == written["test"][1].tolist()
+    assert ds.class_names == [str(i) for i in range(10)]
+
+
+def test_fashion_mnist_torchvision_layout_and_names(tmp_path):
+    write_mnist(tmp_path / "FashionMNIST" / "raw", gz=True)
+    ds = load_dataset("fashion-mnist", str(tmp_path))
+    assert ds.name == "fashion-mnist" and ds.class_names[0] == "T-shirt/top" and ds.class_names[9] == "Ankle boot"
+    assert len(ds.class_names) == 10
+    assert load_dataset("FashionMNIST", str(tmp_path)).name == "fashion-mnist"
+
+
+def test_mnist_wrong_magic(tmp_path):
+    write_mnist(tmp_path)
+    labels = np.zeros(5, np.uint8)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(2051, labels))
+    with pytest.raises(DataError, match="magic number 2051, expected 2049"):
+        load_dataset("mnist", str(tmp_path))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_truncated(tmp_path, gz):
+    write_mnist(tmp_path, gz=gz)
+    stem = "train-images-idx3-ubyte" + (".gz" if gz else "")
+    blob = (tmp_path / stem).read_bytes()
+    if gz:
+        raw = gzip.decompress(blob)
+        (tmp_path / stem).write_bytes(gzip.compress(raw[:-100]))
+    else:
+        (tmp_path / stem).write_bytes(blob[:-100])
+    with pytest.raises(DataError, match="truncated"):
+        load_dataset("mnist", str(tmp_path))
+
+
+def test_mnist_truncated_gzip_stream_and_header(tmp_path):
+    write_mnist(tmp_path, gz=True)
+    stem = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    stem.write_bytes(stem.read_bytes()[:12])  # cut inside the gzip stream
+    with pytest.raises(DataError, match="t10k-labels"):
+        load_dataset("mnist", str(tmp_path))
+    write_mnist(tmp_path, gz=False)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08")
+    with pytest.raises(DataError, match="truncated"):
+        load_dataset("mnist", str(tmp_path))
+
+
+def test_mnist_count_mismatch_extra_bytes_and_missing(tmp_path):
+    write_mnist(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(2049, np.zeros(11, np.uint8)))
+    with pytest.raises(DataError, match="12 images but 11 labels"):
+        load_dataset("mnist", str(tmp_path))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(2049, np.zeros(12, np.uint8)) + b"xx")
+    with pytest.raises(DataError, match="longer than its header"):
+        load_dataset("mnist", str(tmp_path))
+    (tmp_path / "train-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match="missing"):
+        load_dataset("mnist", str(tmp_path))
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DataError, match="No mnist files"):
+        load_dataset("mnist", str(tmp_path / "other"))
+
+
+# ---------------------------------------------------------------------------------------- image folder
+
+
+def _save(path, color, size=(40, 40), mode="RGB", fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, format=fmt)
+
+
+def make_folder(root):
+    for i in range(5):
+        _save(root / "cat" / f"{i}.png", (200, 10, 50))
+    for i in range(10):
+        _save(root / "dog" / f"{i}.jpg", (20, 180, 90))
+    return root
+
+
+def test_imagefolder_png_and_jpeg_with_seeded_split(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    (root / "notes.txt").write_text("not a class")
+    (root / "dog" / "readme.txt").write_text("not an image")
+    ds = load_dataset(f"imagefolder:{root}", image_size=16, normalize=False)
+    assert ds.class_names == ["cat", "dog"] and ds.name == "imagefolder"
+    assert ds.x_train.shape[1:] == (3, 16, 16) and ds.skipped_files == 0
+    # 20% held out per class: cat 5 -> 1 test, dog 10 -> 2 test.
+    assert torch.bincount(ds.y_test, minlength=2).tolist() == [1, 2]
+    assert torch.bincount(ds.y_train, minlength=2).tolist() == [4, 8]
+    cat = ds.x_train[ds.y_train == 0]
+    torch.testing.assert_close(cat, torch.tensor([200, 10, 50.0]).view(1, 3, 1, 1).expand_as(cat) / 255,
+                               rtol=0, atol=1e-6)  # PNG is lossless and a flat image stays flat
+    dog = ds.x_train[ds.y_train == 1]
+    assert (dog - torch.tensor([20, 180, 90.0]).view(1, 3, 1, 1) / 255).abs().max() < 6 / 255  # JPEG: lossy
+    again = load_dataset(f"imagefolder:{root}", image_size=16, normalize=False)
+    assert torch.equal(again.x_test, ds.x_test)
+
+
+def test_imagefolder_split_is_seeded(tmp_path):
+    root = tmp_path / "imgs"
+    for i in range(20):  # distinct images so the split is visible in the pixels
+        _save(root / "a" / f"{i:02d}.png", (i * 10 + 5, 0, 0), size=(8, 8))
+        _save(root / "b" / f"{i:02d}.png", (0, i * 10 + 5, 0), size=(8, 8))
+    picks = [load_dataset(f"imagefolder:{root}", image_size=8, normalize=False, seed=s).x_test[:, :, 0, 0]
+             for s in (0, 0, 1)]
+    assert torch.equal(picks[0], picks[1]) and not torch.equal(picks[0], picks[2])
+    ds = load_dataset(f"imagefolder:{root}", image_size=8, normalize=False)
+    seen = torch.cat([ds.x_train, ds.x_test])[:, :, 0, 0].mul(255).round()
+    assert len({tuple(v.tolist()) for v in seen}) == 40  # train and test are disjoint and complete
+
+
+def test_imagefolder_centre_crop_and_grayscale(tmp_path):
+    root = tmp_path / "imgs"
+    img = np.zeros((20, 60, 3), np.uint8)
+    img[:, :20] = (255, 0, 0)
+    img[:, 20:40] = (0, 255, 0)  # the centre square of a 60x20 image is green
+    img[:, 40:] = (0, 0, 255)
+    for cls in ("x", "y"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(img).save(root / cls / f"{i}.png")
+    ds = load_dataset(f"imagefolder:{root}", image_size=10, normalize=False)
+    centre = ds.x_train[:, :, 2:8, 2:8]
+    assert (centre[:, 1] > 0.99).all() and (centre[:, 0] < 0.01).all() and (centre[:, 2] < 0.01).all()
+
+    gray = tmp_path / "gray"
+    for cls in ("p", "q"):
+        for i in range(2):
+            _save(gray / cls / f"{i}.png", 77, mode="L")
+    ds = load_dataset(f"imagefolder:{gray}", normalize=False)
+    assert ds.channels == 1 and ds.image_size == 32
+    assert torch.allclose(ds.x_train, torch.full_like(ds.x_train, 77 / 255))
+    _save(gray / "q" / "color.png", (1, 2, 3))  # one colour image -> the whole set is RGB
+    assert load_dataset(f"imagefolder:{gray}", normalize=False).channels == 3
+
+
+def test_imagefolder_train_test_folders(tmp_path):
+    root = tmp_path / "imgs"
+    for i in range(3):
+        _save(root / "train" / "a" / f"{i}.png", (10, 10, 10))
+        _save(root / "train" / "b" / f"{i}.png", (90, 90, 90))
+    _save(root / "test" / "b" / "0.png", (90, 90, 90))
+    ds = load_dataset("imagefolder", str(root), normalize=False)
+    assert ds.class_names == ["a", "b"] and len(ds.y_train) == 6 and ds.y_test.tolist() == [1]
+    _save(root / "test" / "zebra" / "0.png", (0, 0, 0))
+    with pytest.raises(DataError, match="zebra"):
+        load_dataset("imagefolder", str(root))
+    only_train = tmp_path / "half"
+    _save(only_train / "train" / "a" / "0.png", (0, 0, 0))
+    with pytest.raises(DataError, match="no 'test' folder"):
+        load_dataset(f"imagefolder:{only_train}")
+
+
+def test_imagefolder_empty_class_and_bad_paths(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    (root / "empty_class").mkdir()
+    with pytest.raises(DataError, match="empty_class"):
+        load_dataset(f"imagefolder:{root}")
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(f"imagefolder:{tmp_path / 'missing'}")
+    (tmp_path / "noclasses").mkdir()
+    with pytest.raises(DataError, match="no class sub-folders"):
+        load_dataset(f"imagefolder:{tmp_path / 'noclasses'}")
+    with pytest.raises(DataError, match="needs a path"):
+        load_dataset("imagefolder")
+
+
+def test_imagefolder_corrupt_image_is_skipped_and_counted(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    good = (root / "dog" / "0.jpg").read_bytes()
+    (root / "dog" / "cut.jpg").write_bytes(good[: len(good) // 3])
+    with pytest.warns(UserWarning, match="Skipped 2 image"):
+        ds = load_dataset(f"imagefolder:{root}", image_size=8)
+    assert ds.skipped_files == 2
+    assert len(ds.y_train) + len(ds.y_test) == 15
+    for f in (root / "cat").iterdir():
+        f.unlink()
+    (root / "cat" / "broken.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match="no image that can be decoded"):
+        load_dataset(f"imagefolder:{root}", image_size=8)
+
+
+def test_imagefolder_ignores_hidden_and_outside_symlinks(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    _save(root / ".cache" / "0.png", (0, 0, 0))
+    _save(root / "cat" / ".thumb.png", (0, 0, 0))
+    outside = tmp_path / "outside"
+    _save(outside / "secret.png", (1, 1, 1))
+    _save(outside / "x.png", (1, 1, 1))
+    os.symlink(outside, root / "linked_class")
+    os.symlink(outside / "secret.png", root / "cat" / "secret.png")
+    with pytest.warns(UserWarning, match="linked_class"):
+        ds = load_dataset(f"imagefolder:{root}", image_size=8)
+    assert ds.class_names == ["cat", "dog"]
+    assert torch.bincount(torch.cat([ds.y_train, ds.y_test])).tolist() == [5, 10]
+
+
+# ----------------------------------------------------------------------------------------------- ZCA
+
+
+def _correlated(n=400, d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) @ mix + 3.0).reshape(n, 3, 2, 2)
+
+
+def test_zca_matches_inverse_square_root_of_covariance():
+    from scipy.linalg import fractional_matrix_power
+
+    x = _correlated()
+    flat = x.reshape(len(x), -1).numpy()
+    cov = np.cov(flat, rowvar=False)  # unbiased, independent of torch
+    expected = np.real(fractional_matrix_power(cov + 0.1 * np.eye(cov.shape[0]), -0.5))
+    z = ZCA.fit(x, eps=0.1)
+    np.testing.assert_allclose(z.transform.double().numpy(), expected, rtol=1e-4, atol=1e-5)
+    whitened = z(x.float()).reshape(len(x), -1).double().numpy()
+    np.testing.assert_allclose(whitened, (flat - flat.mean(0)) @ expected, rtol=1e-3, atol=1e-3)
+
+
+def test_zca_whitens_and_inverts():
+    x = _correlated()
+    z = ZCA.fit(x, eps=1e-8)
+    w = z(x.float()).reshape(len(x), -1).double().numpy()
+    np.testing.assert_allclose(np.cov(w, rowvar=False), np.eye(12), atol=2e-3)
+    z = ZCA.fit(x, eps=0.1)
+    torch.testing.assert_close(z.inverse(z(x.float())), x.float(), rtol=1e-4, atol=1e-4)
+    chunked = ZCA.fit(x, eps=0.1, chunk=7)
+    torch.testing.assert_close(chunked.transform, z.transform, rtol=1e-5, atol=1e-6)
+    rebuilt = ZCA.from_state_dict(z.state_dict(), z.shape)
+    torch.testing.assert_close(rebuilt(x.float()), z(x.float()))
+
+
+def test_zca_through_load_dataset_round_trips_to_pixels():
+    plain = load_dataset("digits")
+    whitened = load_dataset("digits", zca=True)
+    assert whitened.zca is not None
+    assert not torch.allclose(whitened.x_train, plain.x_train, atol=1e-2)
+    torch.testing.assert_close(whitened.denormalize(whitened.x_train), plain.denormalize(plain.x_train),
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(whitened.denormalize(whitened.x_test), plain.denormalize(plain.x_test),
+                               rtol=0, atol=1e-4)
+
+
+# -------------------------------------------------------------------------------------------- digits
+
+
+def test_digits_split_without_files():
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    ds = load_dataset("digits", None)
+    assert len(ds.y_train) + len(ds.y_test) == 1797 and ds.num_classes == 10
+    assert ds.x_train.shape[1:] == (1, 8, 8) and ds.channels == 1 and ds.image_size == 8
+    per_class = np.bincount(target, minlength=10)
+    assert torch.bincount(ds.y_test, minlength=10).tolist() == [int(round(0.2 * n)) for n in per_class]
+    same, other = load_dataset("digits", seed=0), load_dataset("digits", seed=1)
+    assert torch.equal(same.x_test, ds.x_test) and not torch.equal(other.x_test, ds.x_test)
+    means = ds.x_train.mean(dim=(0, 2, 3))
+    stds = ds.x_train.std(dim=(0, 2, 3))
+    torch.testing.assert_close(means, torch.zeros(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(stds, torch.ones(1), atol=1e-4, rtol=0)
+    big = load_dataset("digits", image_size=16)
+    assert big.x_train.shape[1:] == (1, 16, 16)
+
+
+def test_bad_names_and_sizes():
+    with pytest.raises(DataError, match="Unknown dataset"):
+        load_dataset("imagenet")
+    for size in (0, -3, 2.5, True):
+        with pytest.raises(DataError, match="image size"):
+            load_dataset("digits", image_size=size)
+    assert issubclass(DataError, UserError)
+
+
+# ----------------------------------------------------------------------------------------- ClassIndex
+
+
+def test_class_index_samples_only_class_c():
+    y = torch.tensor([0, 1, 2, 1, 0, 2, 2, 1, 2, 2])
+    x = torch.arange(len(y), dtype=torch.float32).view(-1, 1, 1, 1)  # each image holds its own index
+    index = ClassIndex(x, y, 3)
+    g = torch.Generator().manual_seed(0)
+    for c in range(3):
+        for n in (1, 2, 10):
+            picked = index.sample(c, n, g).flatten().long()
+            assert (y[picked] == c).all()
+            assert len(set(picked.tolist())) == len(picked) == min(n, int((y == c).sum()))
+    assert index.counts == [2, 3, 5] and index.smallest_class() == 2
+
+
+def test_check_ipc_against_smallest_class():
+    y = torch.tensor([0, 1, 2, 1, 0, 2, 2, 1, 2, 2])
+    index = ClassIndex(torch.zeros(10, 1, 1, 1), y, 3)
+    index.check_ipc(2)
+    with pytest.raises(DataError, match="IPC 3 is larger than the smallest class, which has 2"):
+        index.check_ipc(3)
+    with pytest.raises(DataError, match="at least 1"):
+        index.check_ipc(0)
+    ds = load_dataset("digits")
+    ds.class_index.check_ipc(50)
+    smallest = int(torch.bincount(ds.y_train).min())
+    with pytest.raises(DataError, match=str(smallest)):
+        ds.class_index.check_ipc(smallest + 1)
