@@ -195,6 +195,35 @@ def _cmd_evaluate_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experts(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from .data import load_dataset
+    from .experts import train_experts
+
+    for flag in ("num_experts", "epochs", "batch_size", "width"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
+    if not args.lr > 0 or args.lr != args.lr or args.lr == float("inf"):
+        raise UserError(f"--lr must be a positive finite number, got {args.lr}.")
+    device = _device(args.device)
+    dataset = load_dataset(args.dataset, args.data_dir, image_size=args.image_size, zca=args.zca, seed=args.seed)
+    from .models import default_depth
+
+    model_kwargs = {"width": args.width, "depth": args.depth or default_depth(dataset.image_size)}
+    with Progress(console=console) as progress:
+        task = progress.add_task("experts", total=args.num_experts * args.epochs)
+
+        def report(k: int, epoch: int, epochs: int) -> None:
+            progress.update(task, completed=k * epochs + epoch, description=f"expert {k + 1}/{args.num_experts}")
+
+        paths = train_experts(dataset, args.out, num_experts=args.num_experts, epochs=args.epochs, seed=args.seed,
+                              lr=args.lr, batch_size=args.batch_size, dsa=not args.no_dsa,
+                              model_kwargs=model_kwargs, device=device, progress=report)
+    Console().print(f"{len(paths)} expert trajectories ({args.epochs} epochs each) in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mim4dd-fast", description="Fast, measured dataset distillation (MIM4DD, MTT, DC, DM).")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -229,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--device", default=None)
     di.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     di.set_defaults(func=_cmd_distill)
+
+    ex = sub.add_parser("experts", help="train MTT expert trajectories (resumable, checksummed)")
+    _add_data_args(ex)
+    ex.add_argument("--num-experts", type=int, default=5)
+    ex.add_argument("--epochs", type=int, default=22, help="max_start_epoch + expert_epochs is all MTT needs")
+    ex.add_argument("--lr", type=float, default=0.01)
+    ex.add_argument("--batch-size", type=int, default=256)
+    ex.add_argument("--width", type=int, default=128)
+    ex.add_argument("--depth", type=int, default=None)
+    ex.add_argument("--no-dsa", action="store_true", help="train the experts without DSA")
+    ex.add_argument("--out", required=True, help="directory for the expert files and manifest")
+    ex.set_defaults(func=_cmd_experts)
 
     sh = sub.add_parser("show", help="summarise a run directory")
     sh.add_argument("run_dir")

@@ -191,8 +191,8 @@ def _experts_for(settings: Settings, dataset, out: Path, device: str, progress=N
     cfg = from_mapping(config_class(canonical_name(settings.run.method)), settings.method)
     epochs = settings.run.expert_epochs or (cfg.max_start_epoch + cfg.expert_epochs)
     return ensure_experts(dataset, out / "experts", num_experts=settings.run.num_experts, epochs=epochs,
-                          seed=settings.run.seed, model_kwargs={"width": cfg.width, "depth": cfg.depth},
-                          device=device, progress=progress)
+                          seed=settings.run.seed, model_kwargs=cfg.model_kwargs(dataset), device=device,
+                          progress=progress)
 
 
 def build_run_method(settings: Settings, dataset, out: Path, device: str, progress=None):
