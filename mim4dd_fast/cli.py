@@ -96,8 +96,8 @@ def _settings_from_args(args: argparse.Namespace):
     if preset is None:
         from .presets import default_preset
 
-        probe = merge_layers(file_layer, flags)
-        preset = default_preset(probe.get("method", "mim4dd"), probe.get("dataset", "digits"), probe.get("ipc", 1))
+        probe = build_settings(merge_layers(file_layer, flags)).run  # validates types before the lookup
+        preset = default_preset(probe.method, probe.dataset, probe.ipc)
     base = preset_layer(preset) if preset else {}
     return build_settings(merge_layers(base, file_layer, flags))
 
