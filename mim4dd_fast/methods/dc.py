@@ -1,0 +1,271 @@
+"""DC: dataset condensation by gradient matching (Zhao, Mopuri, Bilen, ICLR 2021), with DSA.
+
+Faithful to VICO-UoE/DatasetCondensation ``main.py``: every iteration draws a fresh randomly
+initialised ConvNet; for each of ``outer_loop`` rounds the synthetic images take one SGD step
+(momentum 0.5) on the sum over classes of a distance between the gradient of the cross-entropy on a
+real batch of class c and on the synthetic images of class c (same DSA transform for both); between
+rounds the net trains ``inner_loop`` epochs on the synthetic set. What differs (never the maths):
+each class's distance is backpropagated at once into the images only (the original keeps all
+classes' double-backward graphs alive and also computes second-order gradients for the net's
+weights, which it then discards), and all randomness comes from the method's own generator so a
+resumed run is bit-identical. See docs/_parts/dc_dm.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import require
+from ..data import Dataset
+from ..errors import NonFiniteError
+from ..models import build_model
+from .base import AuxTerm, DistillMethod
+
+# (outer_loop, inner_loop) by IPC, DatasetCondensation utils.get_loops.
+LOOP_TABLE: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15),
+                                          50: (50, 10)}
+METRICS = ("ours", "mse", "cos")
+_EPS = 1e-6  # the originals' denominator guard in the cosine distances
+
+
+def default_loops(ipc: int) -> tuple[int, int]:
+    """The original table; an IPC outside it takes the row of the nearest tabled IPC (ties: the smaller)."""
+    if ipc in LOOP_TABLE:
+        return LOOP_TABLE[ipc]
+    nearest = min(LOOP_TABLE, key=lambda k: (abs(k - ipc), k))
+    return LOOP_TABLE[nearest]
+
+
+def _is_int(v: object, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_pos(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+@dataclass
+class DCConfig:
+    """DC settings; defaults are the original ``main.py`` (DSA variant)."""
+
+    outer_loop: int | None = None  # None: LOOP_TABLE by IPC (see default_loops)
+    inner_loop: int | None = None
+    batch_real: int = 256  # real images per class per matching step
+    batch_train: int = 256  # minibatch of the inner training on the synthetic set
+    lr_img: float = 0.1
+    lr_net: float = 0.01
+    momentum_img: float = 0.5
+    dsa: bool = True
+    dis_metric: str = "ours"  # ours | mse | cos
+    include_1d: bool = False  # "ours" only: also match bias / norm gradients (the original ignores them)
+    width: int = 128
+    depth: int | None = None  # None: models.default_depth(image_size)
+
+    def validate(self) -> None:
+        require(self.outer_loop is None or _is_int(self.outer_loop, 1),
+                f"DC outer_loop must be at least 1 (or unset for the IPC table), got {self.outer_loop!r}.")
+        require(self.inner_loop is None or _is_int(self.inner_loop, 0),
+                f"DC inner_loop must be at least 0 (or unset for the IPC table), got {self.inner_loop!r}.")
+        require(_is_int(self.batch_real, 1), f"DC batch_real must be at least 1, got {self.batch_real!r}.")
+        require(_is_int(self.batch_train, 1), f"DC batch_train must be at least 1, got {self.batch_train!r}.")
+        require(_is_pos(self.lr_img), f"DC lr_img must be a positive finite number, got {self.lr_img!r}.")
+        require(_is_pos(self.lr_net), f"DC lr_net must be a positive finite number, got {self.lr_net!r}.")
+        require(isinstance(self.momentum_img, (int, float)) and 0.0 <= self.momentum_img < 1.0,
+                f"DC momentum_img must be in [0, 1), got {self.momentum_img!r}.")
+        require(self.dis_metric in METRICS,
+                f"Unknown DC dis_metric {self.dis_metric!r}; choose one of {', '.join(METRICS)}.")
+        require(_is_int(self.width, 1), f"DC width must be at least 1, got {self.width!r}.")
+        require(self.depth is None or _is_int(self.depth, 1),
+                f"DC depth must be at least 1 (or unset for the default), got {self.depth!r}.")
+
+    def loops(self, ipc: int) -> tuple[int, int]:
+        outer, inner = default_loops(ipc)
+        return (self.outer_loop or outer, inner if self.inner_loop is None else self.inner_loop)
+
+
+def _layer_distance(gws: Tensor, gwr: Tensor) -> Tensor:
+    """sum over output nodes of 1 - cos(gws_row, gwr_row), rows = first dimension."""
+    gws, gwr = gws.reshape(gws.shape[0], -1), gwr.reshape(gwr.shape[0], -1)
+    cos = (gws * gwr).sum(-1) / (gws.norm(dim=-1) * gwr.norm(dim=-1) + _EPS)
+    return (1 - cos).sum()
+
+
+def match_distance(gw_syn: Sequence[Tensor], gw_real: Sequence[Tensor], metric: str = "ours",
+                   include_1d: bool = False) -> Tensor:
+    """Distance between two lists of per-parameter gradients (DatasetCondensation ``match_loss``).
+
+    "ours": sum over weight tensors of sum over output nodes (first dim) of 1 - cosine; 1-D tensors
+    (bias, norm) count 0 unless ``include_1d``, then each is one row. "mse": squared Euclidean
+    distance of the concatenated gradients. "cos": 1 - cosine of the concatenated gradients. mse and
+    cos use every tensor, as the original does.
+    """
+    if len(gw_syn) != len(gw_real):
+        raise ValueError(f"gradient lists differ in length: {len(gw_syn)} vs {len(gw_real)}")
+    if metric == "ours":
+        terms = [_layer_distance(s if s.dim() > 1 else s.reshape(1, -1), r if r.dim() > 1 else r.reshape(1, -1))
+                 for s, r in zip(gw_syn, gw_real, strict=True) if s.dim() > 1 or include_1d]
+        return torch.stack(terms).sum() if terms else gw_syn[0].new_zeros(())
+    s = torch.cat([g.reshape(-1) for g in gw_syn])
+    r = torch.cat([g.reshape(-1) for g in gw_real])
+    if metric == "mse":
+        return ((s - r) ** 2).sum()
+    if metric == "cos":
+        return 1 - (s * r).sum() / (s.norm() * r.norm() + _EPS)
+    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+def load_dsa():
+    """The DSA function (imported on use so this module imports even while augment is absent)."""
+    from ..augment import dsa
+
+    return dsa
+
+
+class FreshNetMixin:
+    """Shared by DC and DM: seeds, a fresh net per iteration, optimizer state in the state dict."""
+
+    generator: torch.Generator
+    device: torch.device
+    dataset: Dataset
+    optimizer: torch.optim.Optimizer
+
+    def _draw_seed(self) -> int:
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+
+    @contextmanager
+    def _local_rng(self):
+        """Global-RNG consumers (module init) inside run from a seed of our generator; caller's RNG untouched."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        seed = self._draw_seed()
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    def _fresh_net(self, width: int, depth: int | None) -> nn.Module:
+        """A randomly initialised ConvNet, built on CPU (init independent of device), in train mode."""
+        d = self.dataset
+        with self._local_rng():
+            net = build_model(d.channels, d.num_classes, d.image_size, width=width, depth=depth)
+        return net.to(self.device).train()
+
+    def _check_finite(self, value: float, what: str, advice: str) -> None:
+        if not math.isfinite(value):
+            it = getattr(self, "iteration", 0)
+            raise NonFiniteError(f"{what} became non-finite at iteration {it}; {advice}.")
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        return copy.deepcopy(self.optimizer.state_dict())
+
+    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
+        # Deep copy: torch may keep the given tensors as its own buffers and update them in place.
+        self.optimizer.load_state_dict(copy.deepcopy(state))
+
+
+class DC(FreshNetMixin, DistillMethod):
+    """Gradient matching; ``step()`` is one outer iteration of the original (fresh net, outer_loop rounds)."""
+
+    name = "dc"
+
+    def __init__(self, dataset: Dataset, ipc: int, config: DCConfig | None = None, *, init: str = "real",
+                 device: str | torch.device = "cpu", seed: int = 0, term: AuxTerm | None = None) -> None:
+        super().__init__(dataset, ipc, init=init, device=device, seed=seed, term=term)
+        self.config = config if config is not None else DCConfig()
+        self.config.validate()
+        self.outer_loop, self.inner_loop = self.config.loops(ipc)
+        self.optimizer = torch.optim.SGD([self.images], lr=self.config.lr_img, momentum=self.config.momentum_img)
+        self._dsa = load_dsa() if self.config.dsa else None
+
+    # -- one iteration --------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        cfg = self.config
+        net = self._fresh_net(cfg.width, cfg.depth)
+        params = list(net.parameters())
+        net_opt = torch.optim.SGD(params, lr=cfg.lr_net)  # the original: plain SGD, no momentum
+        logs: dict[str, float] = {}
+        total = 0.0
+        for ol in range(self.outer_loop):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.match(net, params)
+            self._check_finite(loss, "The DC matching loss", f"lower lr_img (now {cfg.lr_img:g})")
+            total += loss
+            if ol == 0 and self.term is not None:
+                logs = self._term_backward(net, params)
+            self.optimizer.step()
+            if ol == 0 and self.term is not None:
+                self.term.step()
+            if ol == self.outer_loop - 1:
+                break
+            self.train_net(net, net_opt)
+        self.iteration += 1
+        return {"loss": total / (self.dataset.num_classes * self.outer_loop), **logs}
+
+    def match(self, net: nn.Module, params: list[Tensor]) -> float:
+        """Accumulate d(sum_c distance_c)/d images into ``images.grad``; return the summed distance.
+
+        Class by class as the original, but each class's double-backward graph is consumed and freed
+        at once, and only the images' gradient is computed from it.
+        """
+        cfg, ipc = self.config, self.ipc
+        total = torch.zeros((), device=self.device)
+        for c in range(self.dataset.num_classes):
+            x_real, y_real = self.sample_real(cfg.batch_real, [c])
+            x_syn = self.images[c * ipc : (c + 1) * ipc]
+            if self._dsa is not None:
+                seed = self._draw_seed()
+                x_real, x_syn = self._dsa(x_real, seed=seed), self._dsa(x_syn, seed=seed)
+            gw_real = torch.autograd.grad(F.cross_entropy(net(x_real), y_real), params)
+            y_syn = self.labels[c * ipc : (c + 1) * ipc]
+            gw_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), params, create_graph=True)
+            dist = match_distance(gw_syn, [g.detach() for g in gw_real], cfg.dis_metric, cfg.include_1d)
+            dist.backward(inputs=[self.images])
+            total += dist.detach()
+        return float(total)
+
+    def train_net(self, net: nn.Module, net_opt: torch.optim.Optimizer) -> None:
+        """``inner_loop`` epochs over a frozen copy of the synthetic set (the original's ``epoch('train')``)."""
+        cfg = self.config
+        x_all, y_all = self.images.detach().clone(), self.labels
+        n = x_all.shape[0]
+        for _ in range(self.inner_loop):
+            order = torch.randperm(n, generator=self.generator).to(self.device)
+            for start in range(0, n, cfg.batch_train):
+                idx = order[start : start + cfg.batch_train]
+                xb = x_all[idx]
+                if self._dsa is not None:
+                    xb = self._dsa(xb, generator=self.generator)  # per-image parameters, as the original
+                loss = F.cross_entropy(net(xb), y_all[idx])
+                net_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                net_opt.step()
+
+    def _term_backward(self, net: nn.Module, params: list[Tensor]) -> dict[str, float]:
+        """The auxiliary (MIM) term on this iteration's net; its gradient joins the images' gradient."""
+        assert self.term is not None
+        self.term.zero_grad()
+        for p in params:  # the term trains its own heads and the images, never the matching net
+            p.requires_grad_(False)
+        try:
+            term_loss, logs = self.term_loss(net, net, net, self.images, self.labels, augment=self._dsa)
+            self._check_finite(float(term_loss.detach()), "The MIM term", "lower its weight lambda or lr_img")
+            term_loss.backward()
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+        return dict(logs)
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "optimizer": self._optimizer_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._load_optimizer_state(state["optimizer"])

@@ -1,0 +1,102 @@
+"""DM: dataset condensation with distribution matching (Zhao & Bilen, WACV 2023), with DSA.
+
+Faithful to VICO-UoE/DatasetCondensation ``main_DM.py`` (ConvNet branch): every iteration draws a
+fresh randomly initialised, frozen ConvNet and takes one SGD step (momentum 0.5) on the synthetic
+images for sum over classes of ||mean embedding of a real batch - mean embedding of the synthetic
+images||^2, real and synthetic of a class under the same DSA transform. What differs (never the
+maths): real embeddings are computed under no_grad, the synthetic images of all classes go through
+the net in one batch (instance norm is per sample, so this is the same function), and all
+randomness comes from the method's own generator so a resumed run is bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import require
+from ..data import Dataset
+from .base import AuxTerm, DistillMethod
+from .dc import FreshNetMixin, load_dsa
+
+
+@dataclass
+class DMConfig:
+    """DM settings; defaults are the original ``main_DM.py``."""
+
+    batch_real: int = 256  # real images per class per iteration
+    lr_img: float = 1.0
+    momentum_img: float = 0.5
+    dsa: bool = True
+    width: int = 128
+    depth: int | None = None  # None: models.default_depth(image_size)
+
+    def validate(self) -> None:
+        def is_int(v: object, low: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        require(is_int(self.batch_real, 1), f"DM batch_real must be at least 1, got {self.batch_real!r}.")
+        require(isinstance(self.lr_img, (int, float)) and math.isfinite(self.lr_img) and self.lr_img > 0,
+                f"DM lr_img must be a positive finite number, got {self.lr_img!r}.")
+        require(isinstance(self.momentum_img, (int, float)) and 0.0 <= self.momentum_img < 1.0,
+                f"DM momentum_img must be in [0, 1), got {self.momentum_img!r}.")
+        require(is_int(self.width, 1), f"DM width must be at least 1, got {self.width!r}.")
+        require(self.depth is None or is_int(self.depth, 1),
+                f"DM depth must be at least 1 (or unset for the default), got {self.depth!r}.")
+
+
+class DM(FreshNetMixin, DistillMethod):
+    """Distribution matching; ``step()`` is one iteration of the original (one image update)."""
+
+    name = "dm"
+
+    def __init__(self, dataset: Dataset, ipc: int, config: DMConfig | None = None, *, init: str = "real",
+                 device: str | torch.device = "cpu", seed: int = 0, term: AuxTerm | None = None) -> None:
+        super().__init__(dataset, ipc, init=init, device=device, seed=seed, term=term)
+        self.config = config if config is not None else DMConfig()
+        self.config.validate()
+        self.optimizer = torch.optim.SGD([self.images], lr=self.config.lr_img, momentum=self.config.momentum_img)
+        self._dsa = load_dsa() if self.config.dsa else None
+
+    def step(self) -> dict[str, float]:
+        cfg, ipc, k = self.config, self.ipc, self.dataset.num_classes
+        net = self._fresh_net(cfg.width, cfg.depth)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        real_means, syn = [], []
+        for c in range(k):
+            x_real, _ = self.sample_real(cfg.batch_real, [c])
+            x_syn = self.images[c * ipc : (c + 1) * ipc]
+            if self._dsa is not None:
+                seed = self._draw_seed()
+                x_real, x_syn = self._dsa(x_real, seed=seed), self._dsa(x_syn, seed=seed)
+            with torch.no_grad():
+                real_means.append(net.embed(x_real).mean(0))
+            syn.append(x_syn)
+        syn_means = net.embed(torch.cat(syn)).view(k, ipc, -1).mean(1)
+        loss = ((torch.stack(real_means) - syn_means) ** 2).sum()
+        value = float(loss.detach())
+        self._check_finite(value, "The DM matching loss", f"lower lr_img (now {cfg.lr_img:g})")
+        self.optimizer.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        if self.term is not None:
+            self.term.zero_grad()
+            term_loss, logs = self.term_loss(net, net, net, self.images, self.labels, augment=self._dsa)
+            self._check_finite(float(term_loss.detach()), "The MIM term", "lower its weight lambda or lr_img")
+            loss = loss + term_loss
+        loss.backward()
+        self.optimizer.step()
+        if self.term is not None:
+            self.term.step()
+        self.iteration += 1
+        return {"loss": value / k, **dict(logs)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "optimizer": self._optimizer_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._load_optimizer_state(state["optimizer"])
