@@ -1,0 +1,425 @@
+"""Methods side by side on the same data, seeds and budget, with every cost measured in this run.
+
+    python bench/compare.py --methods mtt,mim4dd
+    python bench/compare.py --methods dc,dm,mtt,mim4dd --ipc 10 --json out.json --csv out.csv
+    python bench/compare.py --methods mtt,mim4dd --profile traces/   # then: tensorboard --logdir traces/
+
+Per method, iteration 1 runs under FlopCounterMode (it is also the warm-up), iteration 2 under the
+memory counters (bytes saved for backward, peak-RSS rise; CUDA max_memory_allocated on GPU), and the
+remaining iterations are timed (CUDA synchronised). Then ``--evals`` fresh nets train on the
+distilled set, and the random-real baseline at the same IPC is measured with the same protocol.
+``--profile`` records 1 warm-up + 2 traced extra iterations per method after the evaluation, so
+the accuracy always reflects exactly ``--iterations`` steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ArgError, Parser, mib, random_dataset, random_experts, si  # noqa: E402
+
+RANDOM = "random-cifar10"  # Gaussian CIFAR-10-shaped data for cost measurements (accuracy meaningless)
+
+REQUIRED = ("method", "dataset", "ipc", "iterations", "sec_per_iter_median", "sec_per_iter_p90", "flops_per_iter",
+            "peak_mem_bytes", "peak_mem_kind", "accuracy_mean", "accuracy_std", "random_baseline_mean")
+CSV_FIELDS = (*REQUIRED, "total_seconds", "flops_per_sec", "saved_for_backward_bytes", "peak_rss_delta_bytes",
+              "cuda_max_allocated_bytes", "random_baseline_std", "mi_lower_bound_mean", "expert_seconds",
+              "eval_seconds", "device", "preset")
+
+
+def cache_root() -> Path:
+    """Where expert trajectories are cached: $MIM4DD_CACHE/experts or ~/.cache/mim4dd_fast/experts."""
+    base = os.environ.get("MIM4DD_CACHE")
+    return Path(base) / "experts" if base else Path.home() / ".cache" / "mim4dd_fast" / "experts"
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="bench/compare.py", description="Compare distillation methods with measured costs.")
+    p.add_argument("--methods", required=True, help="comma list: dc, dm, mtt, dc+mim, dm+mim, mtt+mim, mim4dd")
+    p.add_argument("--dataset", default=None,
+                   help=f"default: the preset's, else digits; {RANDOM} = random data for cost measurements")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--ipc", type=int, default=None, help="default: the preset's, else 1")
+    p.add_argument("--iterations", type=int, default=None, help="distillation iterations (default: preset)")
+    p.add_argument("--evals", type=int, default=None, help="evaluation nets per method (default: preset or 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--csv", default=None, help="write one CSV row per method here")
+    p.add_argument("--profile", default=None, help="write torch.profiler traces here (TensorBoard / Perfetto)")
+    p.add_argument("--preset", default=None, help="settings preset (default: the dataset/IPC preset if any)")
+    # For tests and quick looks; not part of the documented interface.
+    p.add_argument("--eval-epochs", type=int, default=None, help=argparse_hidden())
+    p.add_argument("--cache-dir", default=None, help=argparse_hidden())
+    p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", help=argparse_hidden())
+    return p
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def parse_args(argv: list[str] | None):
+    args = build_parser().parse_args(argv)
+    from mim4dd_fast.errors import ConfigError
+    from mim4dd_fast.methods.registry import canonical_name
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not names:
+        raise ConfigError("--methods needs at least one method name, e.g. --methods mtt,mim4dd.")
+    for m in names:
+        canonical_name(m)
+    if args.ipc is not None and args.ipc < 1:
+        raise ConfigError(f"--ipc must be at least 1, got {args.ipc}.")
+    if args.iterations is not None and args.iterations < 3:
+        raise ConfigError(f"--iterations must be at least 3 (FLOPs, memory, then timed), got {args.iterations}.")
+    if args.evals is not None and args.evals < 1:
+        raise ConfigError(f"--evals must be at least 1, got {args.evals}.")
+    if args.eval_epochs is not None and args.eval_epochs < 1:
+        raise ConfigError(f"--eval-epochs must be at least 1, got {args.eval_epochs}.")
+    args.method_list = names
+    return args
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def overrides(items: list[str], method: str) -> dict[str, Any]:
+    """``--set method_config.syn_steps=30 --set mim.impl='"reference"'`` as a settings layer for ``method``;
+    a ``METHOD:`` prefix (``--set dm:method_config.batch_real=64``) limits an item to that method."""
+    from mim4dd_fast.errors import ConfigError
+    from mim4dd_fast.methods.registry import canonical_name
+
+    layer: dict[str, Any] = {}
+    for item in items:
+        scope, colon, rest = item.partition(":")
+        if colon and "=" not in scope:
+            if canonical_name(scope) != canonical_name(method):
+                continue
+            item = rest
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects TABLE.KEY=VALUE or KEY=VALUE, got {item!r}.")
+        table, dot, k = key.strip().rpartition(".")
+        if dot:
+            layer.setdefault(table, {})[k] = _parse_value(value)
+        else:
+            layer[k] = _parse_value(value)
+    return layer
+
+
+def preset_for(method: str, args) -> tuple[str | None, dict[str, Any]]:
+    """The preset layer for ``method``: --preset, else the dataset/IPC default (none if no presets)."""
+    try:
+        from mim4dd_fast import presets
+    except ImportError:
+        return None, {}
+    name = args.preset
+    if name is None:
+        finder = getattr(presets, "default_preset", None)
+        name = finder(method, args.dataset or "digits", args.ipc or 1) if finder else None
+    if not name:
+        return None, {}
+    layer = dict(presets.load_preset(name))
+    from mim4dd_fast.methods.registry import canonical_name
+
+    wanted = canonical_name(method).split("+")[0]
+    # the preset's base method: its "method" key, else its name's prefix ("mtt-digits-ipc1")
+    given = canonical_name(layer["method"]).split("+")[0] if "method" in layer else name.split("-")[0]
+    if given != wanted:
+        layer.pop("method_config", None)  # another base method's settings do not apply
+    if not canonical_name(method).endswith("+mim"):
+        layer.pop("mim", None)
+    layer.pop("method", None)
+    return name, layer
+
+
+def resolve_settings(method: str, args):
+    from mim4dd_fast.settings import build_settings, merge_layers
+
+    preset_name, preset = preset_for(method, args)
+    flags: dict[str, Any] = {"method": method, "seed": args.seed, "device": args.device}
+    for key in ("dataset", "data_dir", "ipc"):  # given flags override the preset; the rest come from it
+        if getattr(args, key) is not None:
+            flags[key] = getattr(args, key)
+    if args.iterations is not None:
+        flags["iterations"] = args.iterations
+    if args.evals is not None:
+        flags["evals"] = args.evals
+    if args.eval_epochs is not None:
+        flags["eval"] = {"epochs": args.eval_epochs}
+    extra = overrides(args.set, method)
+    if not method.lower().replace(" ", "").endswith(("+mim", "mim4dd")):
+        extra.pop("mim", None)
+    settings = build_settings(merge_layers(preset, flags, extra))
+    if settings.run.iterations < 3:
+        from mim4dd_fast.errors import ConfigError
+
+        raise ConfigError(f"iterations must be at least 3 for a benchmark, got {settings.run.iterations}.")
+    return preset_name, settings
+
+
+# -- one method -------------------------------------------------------------------------------------
+
+
+def _experts(settings, dataset, device: str, root: Path, progress):
+    from mim4dd_fast.config import from_mapping
+    from mim4dd_fast.experts import ensure_experts
+    from mim4dd_fast.methods.registry import config_class
+
+    cfg = from_mapping(config_class("mtt"), settings.method)
+    if dataset.name == RANDOM:  # costs do not depend on the trajectories' values
+        return random_experts(dataset, cfg, num=settings.run.num_experts, seed=settings.run.seed)
+    epochs = settings.run.expert_epochs or (cfg.max_start_epoch + cfg.expert_epochs)
+    task = progress.add_task(f"experts ({settings.run.num_experts} x {epochs} epochs)",
+                             total=settings.run.num_experts * epochs)
+
+    def report(k: int, done: int, total: int) -> None:
+        progress.update(task, completed=k * total + done)
+
+    experts = ensure_experts(dataset, root, num_experts=settings.run.num_experts, epochs=epochs,
+                             seed=settings.run.seed, model_kwargs=cfg.model_kwargs(dataset), device=device,
+                             progress=report)
+    progress.update(task, completed=settings.run.num_experts * epochs, visible=False)
+    return experts
+
+
+def _label(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def run_method(name: str, preset: str | None, settings, dataset, device: str, args, progress,
+               baselines: dict) -> dict[str, Any]:
+    """Distil with ``name`` and measure it; returns one result object of the JSON schema."""
+    import torch
+
+    from mim4dd_fast import profiling
+    from mim4dd_fast.config import from_mapping
+    from mim4dd_fast.evaluate import EvalConfig, evaluate_synthetic, random_baseline
+    from mim4dd_fast.methods.registry import build_method, canonical_name
+
+    run = settings.run
+    canon = canonical_name(name)
+    t_exp = time.perf_counter()
+    experts = None
+    if canon.startswith("mtt"):
+        experts = _experts(settings, dataset, device, Path(args.cache_dir) if args.cache_dir else cache_root(),
+                           progress)
+    expert_seconds = time.perf_counter() - t_exp
+
+    torch.manual_seed(run.seed)
+    method = build_method(canon, dataset, run.ipc, config=settings.method, mim=settings.mim or None,
+                          experts=experts, device=device, seed=run.seed, init=run.init)
+    task = progress.add_task(f"distill {name}", total=run.iterations)
+    t0 = time.perf_counter()
+    logs, flops = profiling.measure_flops(method.step)  # iteration 1: FLOPs (and warm-up)
+    progress.advance(task)
+    logs, mem = profiling.measure_memory(method.step, device)  # iteration 2: memory
+    progress.advance(task)
+    times: list[float] = []
+    for _ in range(run.iterations - 2):  # the rest: timed
+        logs, dt = profiling.timed(method.step, device)
+        times.append(dt)
+        progress.advance(task)
+    total_seconds = time.perf_counter() - t0
+    progress.update(task, visible=False)
+    stats = profiling.summarize_times(times)
+
+    ecfg = from_mapping(EvalConfig, {**settings.eval, "n_nets": run.evals})
+    etask = progress.add_task(f"evaluate {name}", total=ecfg.n_nets)
+    t_eval = time.perf_counter()
+    x, y = method.synthetic_set()
+    lr = method.learned_lr() if hasattr(method, "learned_lr") else None
+    acc = evaluate_synthetic(x, y, dataset, ecfg, seed=run.seed, device=device, lr=lr,
+                             progress=lambda i, a: progress.advance(etask))
+    eval_seconds = time.perf_counter() - t_eval
+    progress.update(etask, visible=False)
+    key = (run.dataset, run.data_dir, run.image_size, run.zca, run.ipc, run.seed, repr(ecfg))
+    if key not in baselines:
+        btask = progress.add_task(f"random-real baseline, IPC {run.ipc}", total=ecfg.n_nets)
+        baselines[key] = random_baseline(dataset, run.ipc, ecfg, seed=run.seed, device=device,
+                                         progress=lambda i, a: progress.advance(btask))
+        progress.update(btask, visible=False)
+    base = baselines[key]
+
+    traces: list[str] = []
+    if args.profile:
+        # one sub-folder per method: torch-tb-profiler shows each as a run
+        traces = [str(p) for p in profiling.trace(Path(args.profile) / _label(name), method.step, steps=2,
+                                                  warmup=1, name=_label(name), device=device)]
+
+    mi = {k.split("/", 1)[1]: float(v) for k, v in logs.items() if k.startswith("mi_lb/")}
+    median = stats["median"]
+    return {
+        "method": name,
+        "canonical_method": canon,
+        "dataset": run.dataset,
+        "ipc": run.ipc,
+        "iterations": run.iterations,
+        "timed_iterations": len(times),
+        "sec_per_iter_median": median,
+        "sec_per_iter_p90": stats["p90"],
+        "total_seconds": total_seconds,
+        "flops_per_iter": flops.total,
+        "flops_per_sec": flops.total / median if median > 0 else math.nan,
+        "flops_by_op": flops.by_op,
+        "peak_mem_bytes": mem.peak_bytes,
+        "peak_mem_kind": mem.kind,
+        "saved_for_backward_bytes": mem.saved_peak,
+        "peak_rss_delta_bytes": mem.rss_delta,
+        "rss_method": mem.rss_method,
+        "cuda_max_allocated_bytes": mem.cuda_peak,
+        "accuracy_mean": acc["mean"],
+        "accuracy_std": acc["std"],
+        "accuracies": acc["accuracies"],
+        "random_baseline_mean": base["mean"],
+        "random_baseline_std": base["std"],
+        "random_baseline_accuracies": base["accuracies"],
+        "mi_lower_bound": mi or None,
+        "mi_lower_bound_mean": (sum(mi.values()) / len(mi)) if mi else None,
+        "final_loss": float(logs.get("loss", math.nan)),
+        "expert_seconds": expert_seconds if experts is not None else None,
+        "eval_seconds": eval_seconds,
+        "eval_nets": ecfg.n_nets,
+        "eval_epochs": ecfg.epochs,
+        "device": device,
+        "preset": preset,
+        "traces": traces,
+        "settings": settings.to_toml_dict(),
+    }
+
+
+# -- output ------------------------------------------------------------------------------------------
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or not b or not math.isfinite(a) or not math.isfinite(b):
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def render(results: list[dict], console) -> None:
+    from rich.table import Table
+
+    first = results[0]
+    cpu = first["peak_mem_kind"] == "cpu_saved_for_backward"
+    table = Table(title=f"{first['dataset']}, IPC {first['ipc']}, device {first['device']} "
+                        f"(ratios: time / FLOPs / memory vs {first['method']})")
+    cols = ["method", "iters", "s/it median", "s/it p90", "distill s", "FLOP/it", "FLOP/s",
+            "saved for bwd MiB" if cpu else "CUDA max alloc MiB", "peak RSS rise MiB", "accuracy %",
+            "random real %", "MI lower bound (nats)", f"vs {first['method']}"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("method", "MI lower bound (nats)") else "right")
+    for r in results:
+        mi = "-"
+        if r["mi_lower_bound"]:
+            mi = " ".join(f"{k}:{v:.3f}" for k, v in r["mi_lower_bound"].items())
+        table.add_row(
+            r["method"], str(r["iterations"]), f"{r['sec_per_iter_median']:.3f}", f"{r['sec_per_iter_p90']:.3f}",
+            f"{r['total_seconds']:.1f}", si(r["flops_per_iter"]), si(r["flops_per_sec"]), mib(r["peak_mem_bytes"]),
+            mib(r["peak_rss_delta_bytes"]),
+            f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}",
+            f"{100 * r['random_baseline_mean']:.1f} ± {100 * r['random_baseline_std']:.1f}", mi,
+            " / ".join(_ratio(r[k], first[k]) for k in ("sec_per_iter_median", "flops_per_iter", "peak_mem_bytes")),
+        )
+    console.print(table)
+    kind = ("memory = peak bytes held for backward (saved_tensors_hooks, each storage once); peak RSS rise = "
+            "process peak resident set over the same iteration minus its start") if cpu else (
+            "memory = torch.cuda.max_memory_allocated over one iteration")
+    console.print(f"[dim]{kind}; FLOPs by torch.utils.flop_counter.FlopCounterMode over one iteration.[/dim]")
+
+
+def write_json(path: str, env: dict, results: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"environment": env, "results": results}, indent=2, default=str) + "\n")
+
+
+def write_csv(path: str, results: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in results:
+            w.writerow({k: r.get(k) for k in CSV_FIELDS})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    err = Console(stderr=True)
+    from mim4dd_fast.errors import UserError
+
+    try:
+        args = parse_args(argv)
+        from mim4dd_fast import __version__, profiling
+        from mim4dd_fast.runner import load_run_dataset, resolve_device
+
+        device = resolve_device(args.device)
+        plans = [(m, *resolve_settings(m, args)) for m in args.method_list]
+        env = {"mim4dd_fast": __version__, **profiling.environment(device)}
+        budgets = {name: s.run.iterations for name, _, s in plans}
+        if len(set(budgets.values())) > 1:
+            console.print(f"note: the methods run different budgets {budgets} (their presets); "
+                          "give --iterations to compare at the same budget.")
+        first = plans[0][2].run
+        console.print(f"[bold]compare[/bold] {', '.join(args.method_list)} on {first.dataset}, IPC {first.ipc}; "
+                      f"torch {env['torch']}, {env['device_name']}, {env['threads']} threads")
+        datasets: dict = {}
+        baselines: dict = {}
+        results = []
+        t_all = time.perf_counter()
+        columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn()]
+        with Progress(*columns, console=err, transient=True) as progress:
+            for name, preset, settings in plans:
+                run = settings.run
+                dkey = (run.dataset, run.data_dir, run.image_size, run.zca, run.seed)
+                if dkey not in datasets:
+                    datasets[dkey] = (random_dataset(RANDOM, seed=run.seed) if run.dataset == RANDOM
+                                      else load_run_dataset(run))
+                dataset = datasets[dkey]
+                dataset.class_index.check_ipc(run.ipc)
+                results.append(run_method(name, preset, settings, dataset, device, args, progress, baselines))
+        env["wall_seconds"] = time.perf_counter() - t_all
+    except ArgError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted.")
+        return 130
+    render(results, console)
+    console.print(f"total wall-clock {env['wall_seconds']:.1f} s (experts, distillation, evaluation)")
+    if args.json:
+        write_json(args.json, env, results)
+        console.print(f"wrote {args.json}")
+    if args.csv:
+        write_csv(args.csv, results)
+        console.print(f"wrote {args.csv}")
+    if args.profile:
+        console.print(f"traces in {args.profile}: view with  tensorboard --logdir {args.profile}  "
+                      f"(needs torch-tb-profiler), or open the .pt.trace.json files in https://ui.perfetto.dev")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
