@@ -1,0 +1,250 @@
+"""Expert trajectories for MTT: train ConvNets on real data and keep their parameters after each epoch.
+
+An expert is a network trained on the full real training set exactly as MTT's ``buffer.py``: plain
+SGD (lr 0.01, momentum 0, weight decay 0, no learning-rate decay — ``--decay`` is off by default),
+batch 256, DSA on every batch (per-image parameters, not siamese), cross-entropy. Its trajectory is
+the flat parameter vector (``models.flatten_params``) at epoch 0 and after every epoch: a float32
+tensor [E + 1, P].
+
+On disk, an expert directory holds ``expert_<k>.safetensors`` (one trajectory each, written
+atomically) and ``manifest.json`` (settings, settings key, per-file sha256), rewritten atomically
+after every expert. Expert k is trained from seed ``seed + k`` (initialisation, shuffling and
+augmentation), so an interrupted run resumes at the first missing expert and produces the same
+files as an uninterrupted one. Checksums are verified on load; a bad file is named in a DataError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data import Dataset
+from .errors import ConfigError, DataError
+from .io import atomic_write_json, check_writable_dir, load_tensors, save_tensors, sha256_file
+from .models import build_model, flatten_params
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+# progress(expert_index, epochs_done, epochs_total); when epochs_done == epochs_total the expert is on disk.
+Progress = Callable[[int, int, int], None]
+
+
+def epochs_needed(cfg: Any) -> int:
+    """Epochs of expert training MTT can use: start epochs t < max_start_epoch, targets t + expert_epochs.
+
+    The largest target is ``max_start_epoch - 1 + expert_epochs``, so a trajectory of that many epochs
+    (``+ 1`` recorded snapshots, epoch 0 included) is enough; training longer is wasted work.
+    """
+    return int(cfg.max_start_epoch) - 1 + int(cfg.expert_epochs)
+
+
+def expert_file(k: int) -> str:
+    return f"expert_{k:04d}.safetensors"
+
+
+def dataset_signature(dataset: Dataset) -> dict[str, Any]:
+    """What identifies the training data an expert saw (name, sizes, whitening)."""
+    return {
+        "name": dataset.name,
+        "train_size": int(dataset.x_train.shape[0]),
+        "channels": dataset.channels,
+        "image_size": dataset.image_size,
+        "num_classes": dataset.num_classes,
+        "zca": dataset.zca is not None,
+    }
+
+
+def expert_settings(dataset: Dataset, *, epochs: int, seed: int, lr: float, batch_size: int, dsa: bool,
+                    model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Every setting that changes the expert files; its hash is the settings key."""
+    return {
+        "dataset": dataset_signature(dataset),
+        "model_kwargs": dict(sorted((model_kwargs or {}).items())),
+        "epochs": int(epochs),
+        "seed": int(seed),
+        "lr": float(lr),
+        "batch_size": int(batch_size),
+        "dsa": bool(dsa),
+        "optimizer": "sgd(momentum=0, weight_decay=0)",
+    }
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """Short stable hash of the settings (cache sub-directory name)."""
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(f"Expert manifest {path} is unreadable; delete the directory {out_dir} and rebuild.") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("experts"), dict) \
+            or "settings_key" not in manifest:
+        raise DataError(f"Expert manifest {path} is malformed; delete the directory {out_dir} and rebuild.")
+    return manifest
+
+
+def _verify(out_dir: Path, name: str, sha: str) -> Path:
+    path = out_dir / name
+    if not path.exists():
+        raise DataError(f"Expert file {path} listed in the manifest is missing; delete the directory and rebuild.")
+    if sha256_file(path) != sha:
+        raise DataError(f"Expert file {path} is corrupted (checksum mismatch); delete it and rerun to rebuild it.")
+    return path
+
+
+def _train_one(dataset: Dataset, k: int, *, epochs: int, seed: int, lr: float, batch_size: int, dsa: bool,
+               model_kwargs: dict[str, Any], device: torch.device,
+               progress: Progress | None) -> Tensor:
+    """Train expert ``k`` deterministically from seed ``seed + k``; returns its [epochs + 1, P] trajectory."""
+    from .augment import dsa as dsa_fn
+
+    gen = torch.Generator().manual_seed(seed + k)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + k)  # module initialisation uses the global RNG
+        model = build_model(dataset.channels, dataset.num_classes, dataset.image_size, **model_kwargs)
+    model = model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    x_all, y_all = dataset.x_train, dataset.y_train
+    n = x_all.shape[0]
+    snapshots = [flatten_params(model).cpu()]
+    for e in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            x, y = x_all[idx].to(device), y_all[idx].to(device)
+            if dsa:
+                x = dsa_fn(x, generator=gen)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        snapshots.append(flatten_params(model).cpu())
+        if progress is not None and e + 1 < epochs:
+            progress(k, e + 1, epochs)
+    return torch.stack(snapshots)
+
+
+def train_experts(
+    dataset: Dataset,
+    out_dir: str | Path,
+    *,
+    num_experts: int,
+    epochs: int,
+    seed: int = 0,
+    lr: float = 0.01,
+    batch_size: int = 256,
+    dsa: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Train (or finish training) ``num_experts`` experts into ``out_dir``; returns their files in order.
+
+    Experts already listed in the manifest are verified, not retrained. A directory holding experts
+    of other settings is refused rather than mixed.
+    """
+    if num_experts < 1 or epochs < 1:
+        raise ConfigError(f"num_experts and epochs must be at least 1, got {num_experts} and {epochs}.")
+    if batch_size < 1 or not lr > 0:
+        raise ConfigError(f"Expert batch size must be >= 1 and lr > 0, got {batch_size} and {lr}.")
+    out_dir = check_writable_dir(out_dir)
+    model_kwargs = dict(model_kwargs or {})
+    settings = expert_settings(dataset, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, dsa=dsa,
+                               model_kwargs=model_kwargs)
+    key = settings_key(settings)
+    manifest = _read_manifest(out_dir)
+    if manifest is None:
+        manifest = {"format": FORMAT_VERSION, **settings, "settings_key": key, "experts": {}}
+    elif manifest["settings_key"] != key:
+        raise DataError(f"Directory {out_dir} holds experts trained with other settings; use another directory.")
+    device = torch.device(device)
+    paths = []
+    for k in range(num_experts):
+        name = expert_file(k)
+        if name in manifest["experts"]:
+            paths.append(_verify(out_dir, name, manifest["experts"][name]))
+            continue
+        traj = _train_one(dataset, k, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, dsa=dsa,
+                          model_kwargs=model_kwargs, device=device, progress=progress)
+        # no safetensors metadata: its key order is not stable, and identical experts must be identical files
+        sha = save_tensors(out_dir / name, {"trajectory": traj})
+        manifest["experts"][name] = sha
+        manifest["num_experts"] = len(manifest["experts"])
+        atomic_write_json(out_dir / MANIFEST, manifest)
+        paths.append(out_dir / name)
+        if progress is not None:
+            progress(k, epochs, epochs)
+    return paths
+
+
+def load_experts(out_dir: str | Path, expected_settings: str | dict[str, Any] | None = None) -> list[Tensor]:
+    """All trajectories listed in the manifest, checksums verified, in expert order.
+
+    ``expected_settings`` is a settings key, or a mapping of manifest fields (e.g. ``{"epochs": 20}``)
+    that must match; a mismatch is a DataError naming the field.
+    """
+    out_dir = Path(out_dir)
+    manifest = _read_manifest(out_dir)
+    if manifest is None:
+        raise DataError(f"No expert manifest in {out_dir}; train experts there first (mim4dd-fast experts).")
+    if isinstance(expected_settings, str):
+        if manifest["settings_key"] != expected_settings:
+            raise DataError(f"Experts in {out_dir} were trained with other settings (key {manifest['settings_key']}).")
+    elif expected_settings:
+        for field, want in expected_settings.items():
+            if manifest.get(field) != want:
+                raise DataError(f"Experts in {out_dir} have {field} = {manifest.get(field)!r}, expected {want!r}.")
+    if not manifest["experts"]:
+        raise DataError(f"The expert manifest in {out_dir} lists no experts.")
+    trajectories = []
+    for name in sorted(manifest["experts"]):
+        tensors = load_tensors(out_dir / name, expected_sha256=manifest["experts"][name])
+        traj = tensors.get("trajectory")
+        if traj is None or traj.dim() != 2:
+            raise DataError(f"Expert file {out_dir / name} holds no [epochs + 1, P] trajectory.")
+        trajectories.append(traj)
+    return trajectories
+
+
+def ensure_experts(
+    dataset: Dataset,
+    cache_root: str | Path,
+    *,
+    num_experts: int,
+    epochs: int,
+    seed: int = 0,
+    lr: float = 0.01,
+    batch_size: int = 256,
+    dsa: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+) -> list[Tensor]:
+    """Build (or finish, or just load) experts in ``cache_root/<dataset>-<settings key>`` and return them.
+
+    The key hashes dataset name and sizes, model kwargs, epochs, seed, lr, batch size and DSA, so any
+    caller asking for the same settings reuses the same files; asking for more experts extends them.
+    """
+    settings = expert_settings(dataset, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, dsa=dsa,
+                               model_kwargs=model_kwargs)
+    out_dir = Path(cache_root) / f"{dataset.name}-{settings_key(settings)}"
+    paths = train_experts(dataset, out_dir, num_experts=num_experts, epochs=epochs, seed=seed, lr=lr,
+                          batch_size=batch_size, dsa=dsa, model_kwargs=model_kwargs, device=device,
+                          progress=progress)
+    manifest = _read_manifest(out_dir)
+    assert manifest is not None
+    return [load_tensors(p, expected_sha256=manifest["experts"][p.name])["trajectory"] for p in paths]

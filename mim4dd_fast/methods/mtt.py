@@ -1,0 +1,331 @@
+"""MTT: dataset distillation by matching training trajectories (Cazenavette et al., CVPR 2022).
+
+One iteration: pick an expert trajectory and a start epoch t < max_start_epoch, start a student at
+the expert's parameters theta*_t, train it ``syn_steps`` SGD steps on (DSA-augmented) minibatches of
+the synthetic set with a learnable step size ``syn_lr``, and minimise
+
+    ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2
+
+with respect to the images and ``syn_lr`` (SGD, momentum 0.5, as the original).
+
+The gradient flows back through the whole unroll. Two exact ways to get it:
+
+* ``full`` (the original): keep every step's graph (``create_graph=True``) and backpropagate once.
+  Memory grows linearly with syn_steps x images per step.
+* ``checkpointed`` (default): run the unroll without a graph, storing only theta_k (one flat vector
+  per step) and each step's minibatch indices and DSA seed; then walk back one step at a time,
+  recomputing step k's gradient g_k with a graph and applying the adjoint recursion of
+  theta_{k+1} = theta_k - lr * g_k(theta_k, X):
+
+      dL/dX  += -lr * (dg_k/dX)^T a_{k+1}
+      dL/dlr += -<a_{k+1}, g_k>
+      a_k     = a_{k+1} - lr * (dg_k/dtheta_k)^T a_{k+1}        (a vector-Hessian product)
+
+  Only one step's graph is alive at a time, so activation memory is flat in syn_steps (the last
+  step's graph is kept from the forward pass rather than recomputed). This is the exact gradient
+  (equal to ``full`` up to rounding), not TESLA's approximation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import from_mapping, require
+from ..data import Dataset
+from ..errors import ConfigError, NonFiniteError
+from ..experts import epochs_needed
+from ..models import build_model, default_depth, functional_forward
+from .base import AuxTerm, DistillMethod
+
+Batch = tuple[Tensor, "int | None"]  # (indices into the synthetic set, DSA seed or None)
+
+
+@dataclass
+class MTTConfig:
+    """MTT settings; names and defaults follow the original ``distill.py`` (see docs for presets)."""
+
+    syn_steps: int = 20  # N: student SGD steps per iteration
+    expert_epochs: int = 2  # M: the target is the expert M epochs after the start
+    max_start_epoch: int = 20  # start epochs are drawn uniformly from [0, max_start_epoch)
+    lr_img: float = 1000.0  # SGD learning rate of the pixels
+    lr_lr: float = 1e-5  # SGD learning rate of the learnable student step size
+    lr_teacher: float = 0.01  # initial student step size (syn_lr)
+    batch_syn: int | None = None  # synthetic images per student step; None = all of them
+    dsa: bool = True  # DSA on every student step (and siamese DSA for the MIM term)
+    unroll: str = "checkpointed"  # "checkpointed" (exact, memory flat in syn_steps) or "full"
+    momentum: float = 0.5  # momentum of both outer optimizers
+    width: int = 128  # ConvNet width (must match the experts)
+    depth: int | None = None  # ConvNet depth; None = the dataset's default depth
+
+    def validate(self) -> None:
+        require(self.syn_steps >= 1, f"syn_steps must be at least 1, got {self.syn_steps}.")
+        require(self.expert_epochs >= 1, f"expert_epochs must be at least 1, got {self.expert_epochs}.")
+        require(self.max_start_epoch >= 1, f"max_start_epoch must be at least 1, got {self.max_start_epoch}.")
+        for name in ("lr_img", "lr_lr", "lr_teacher"):
+            require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}.")
+        require(self.batch_syn is None or self.batch_syn >= 1,
+                f"batch_syn must be at least 1 (or unset for all images), got {self.batch_syn}.")
+        require(self.unroll in ("checkpointed", "full"),
+                f"unroll must be 'checkpointed' or 'full', got {self.unroll!r}.")
+        require(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}.")
+        require(self.width >= 1, f"width must be at least 1, got {self.width}.")
+        require(self.depth is None or self.depth >= 1, f"depth must be at least 1, got {self.depth}.")
+
+    def model_kwargs(self, dataset: Dataset) -> dict[str, Any]:
+        """ConvNet kwargs with the depth resolved (also the experts' ``model_kwargs``)."""
+        depth = default_depth(dataset.image_size) if self.depth is None else self.depth
+        return {"width": self.width, "depth": depth}
+
+
+# -- the unroll ------------------------------------------------------------------------------------
+
+
+def augment_step(x: Tensor, seed: int | None) -> Tensor:
+    """DSA of one student step: per-image parameters from a generator seeded with ``seed``.
+
+    Per-image parameters match the original's inner loop; the seed makes the step reproducible, so
+    the checkpointed backward pass recomputes exactly the same augmentation.
+    """
+    if seed is None:
+        return x
+    from ..augment import dsa
+
+    return dsa(x, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def _step_grad(model: nn.Module, theta: Tensor, images: Tensor, labels: Tensor, batch: Batch,
+               create_graph: bool) -> Tensor:
+    """g_k = d CE(student(theta; aug(X[idx])), y[idx]) / d theta."""
+    idx, seed = batch
+    x = augment_step(images[idx], seed)
+    loss = F.cross_entropy(functional_forward(model, theta, x), labels[idx])
+    return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+
+
+def match_loss(theta_n: Tensor, start: Tensor, target: Tensor) -> Tensor:
+    """||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2 (the original's ratio)."""
+    return (theta_n - target).pow(2).sum() / (start - target).pow(2).sum()
+
+
+def unroll_full(model: nn.Module, start: Tensor, target: Tensor, images: Tensor, labels: Tensor,
+                syn_lr: Tensor, batches: list[Batch]) -> tuple[Tensor, Tensor, Tensor]:
+    """The original: one graph over all steps. Returns (loss, dL/dimages, dL/dsyn_lr)."""
+    with torch.enable_grad():
+        theta = start.detach().requires_grad_(True)
+        for batch in batches:
+            theta = theta - syn_lr * _step_grad(model, theta, images, labels, batch, create_graph=True)
+        loss = match_loss(theta, start, target)
+        g_img, g_lr = torch.autograd.grad(loss, [images, syn_lr], allow_unused=True)
+    g_img = torch.zeros_like(images) if g_img is None else g_img
+    g_lr = torch.zeros_like(syn_lr) if g_lr is None else g_lr
+    return loss.detach(), g_img, g_lr
+
+
+def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images: Tensor, labels: Tensor,
+                        syn_lr: Tensor, batches: list[Batch]) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact gradient with one step's graph alive at a time (see the module docstring)."""
+    n = len(batches)
+    lr = syn_lr.detach()
+    x = images.detach().requires_grad_(True)
+    # theta_0 .. theta_{N-1} in ONE buffer: many long-lived per-step vectors interleaved with each
+    # step's short-lived activations fragment the heap and the process RSS grows with syn_steps.
+    thetas = torch.empty((n, start.numel()), dtype=start.dtype, device=start.device)
+    thetas[0] = start.detach()
+    with torch.enable_grad():
+        for k, batch in enumerate(batches):  # forward: store theta_k only
+            theta = thetas[k].detach().requires_grad_(True)
+            last = k == n - 1  # the last step keeps its graph: the backward pass starts with it
+            g = _step_grad(model, theta, x, labels, batch, create_graph=last)
+            theta_n = (theta.detach() - lr * g.detach())
+            if not last:
+                thetas[k + 1] = theta_n
+        theta_n.requires_grad_(True)
+        loss = match_loss(theta_n, start, target)
+        (adj,) = torch.autograd.grad(loss, theta_n)
+        g_img = torch.zeros_like(x)
+        g_lr = torch.zeros((), dtype=lr.dtype, device=lr.device)
+        for k in range(n - 1, -1, -1):  # backward: one step at a time, newest first
+            if k < n - 1:  # recompute step k with its graph
+                theta = thetas[k].detach().requires_grad_(True)
+                g = _step_grad(model, theta, x, labels, batches[k], create_graph=True)
+            g_lr -= torch.dot(adj, g.detach())
+            h_theta, h_x = torch.autograd.grad(g, [theta, x], grad_outputs=adj)
+            g_img -= lr * h_x
+            adj = adj - lr * h_theta
+            g = h_theta = h_x = None
+    return loss.detach(), g_img, g_lr.reshape(syn_lr.shape)
+
+
+UNROLLS = {"full": unroll_full, "checkpointed": unroll_checkpointed}
+
+
+def _finite(t: Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+# -- the method -------------------------------------------------------------------------------------
+
+
+class MTT(DistillMethod):
+    """Trajectory matching over a list of expert trajectories ([epochs + 1, P] each, on CPU)."""
+
+    name = "mtt"
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        ipc: int,
+        *,
+        config: MTTConfig | dict[str, Any] | None = None,
+        experts: list[Tensor],
+        init: str = "real",
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        term: AuxTerm | None = None,
+    ) -> None:
+        cfg = config if isinstance(config, MTTConfig) else from_mapping(MTTConfig, config, what="mtt setting")
+        cfg.validate()
+        super().__init__(dataset, ipc, init=init, device=device, seed=seed, term=term)
+        self.cfg = cfg
+        kwargs = cfg.model_kwargs(dataset)
+        self.model = build_model(dataset.channels, dataset.num_classes, dataset.image_size, **kwargs)
+        self.model = self.model.to(self.device).requires_grad_(False)  # weights come from the flat vectors
+        self.experts = self._check_experts(experts, kwargs)
+        self.syn_lr = torch.tensor(cfg.lr_teacher, dtype=self.images.dtype, device=self.device).requires_grad_(True)
+        self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)
+        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=cfg.lr_lr, momentum=cfg.momentum)
+        self._good = self._snapshot()
+
+    def _check_experts(self, experts: list[Tensor], kwargs: dict[str, Any]) -> list[Tensor]:
+        if not experts:
+            raise ConfigError("MTT needs at least one expert trajectory; train experts first (mim4dd-fast experts).")
+        n_params = sum(p.numel() for p in self.model.parameters())
+        need = epochs_needed(self.cfg)
+        for traj in experts:
+            if traj.dim() != 2 or traj.shape[1] != n_params:
+                raise ConfigError(
+                    f"Expert trajectories hold {traj.shape[-1]} parameters but a ConvNet of width {kwargs['width']} "
+                    f"and depth {kwargs['depth']} has {n_params}; use experts trained with the same model."
+                )
+            if traj.shape[0] - 1 < need:
+                raise ConfigError(
+                    f"Expert trajectories cover {traj.shape[0] - 1} epochs but max_start_epoch - 1 + expert_epochs "
+                    f"= {need} are needed; train longer experts or lower max_start_epoch."
+                )
+        return [t.detach().cpu() for t in experts]
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _plan(self) -> list[Batch]:
+        """Minibatch indices (the original's shuffled chunks) and one DSA seed per student step."""
+        n = self.images.shape[0]
+        size = min(self.cfg.batch_syn or n, n)
+        chunks: list[Tensor] = []
+        batches: list[Batch] = []
+        for _ in range(self.cfg.syn_steps):
+            if not chunks:
+                chunks = list(torch.randperm(n, generator=self.generator).split(size))
+            idx = chunks.pop(0).to(self.device)
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)) if self.cfg.dsa else None
+            batches.append((idx, seed))
+        return batches
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "images": self.images.detach().clone(),
+            "syn_lr": self.syn_lr.detach().clone(),
+            "opt_img": copy.deepcopy(self.opt_img.state_dict()),
+            "opt_lr": copy.deepcopy(self.opt_lr.state_dict()),
+            "iteration": self.iteration,
+        }
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.images.copy_(snap["images"])
+            self.syn_lr.copy_(snap["syn_lr"])
+        self.opt_img.load_state_dict(copy.deepcopy(snap["opt_img"]))
+        self.opt_lr.load_state_dict(copy.deepcopy(snap["opt_lr"]))
+        self.iteration = snap["iteration"]
+
+    def _diverged(self, snap: dict[str, Any], what: str, blame_lr: bool) -> NonFiniteError:
+        self._restore(snap)
+        hint = (f"lower lr_lr (now {self.cfg.lr_lr:g})" if blame_lr else f"lower lr_img (now {self.cfg.lr_img:g})")
+        return NonFiniteError(
+            f"MTT produced a non-finite {what} at iteration {self.iteration + 1}; the last good synthetic images "
+            f"were restored, {hint}."
+        )
+
+    # -- the iteration ------------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        cfg = self.cfg
+        at_start = self._snapshot()
+        e = int(torch.randint(len(self.experts), (1,), generator=self.generator))
+        t = int(torch.randint(cfg.max_start_epoch, (1,), generator=self.generator))
+        traj = self.experts[e]
+        start = traj[t].to(self.device, self.images.dtype)
+        target = traj[t + cfg.expert_epochs].to(self.device, self.images.dtype)
+        loss, g_img, g_lr = UNROLLS[cfg.unroll](self.model, start, target, self.images, self.labels,
+                                                self.syn_lr, self._plan())
+        logs: dict[str, float] = {}
+        self.opt_img.zero_grad(set_to_none=True)
+        self.opt_lr.zero_grad(set_to_none=True)
+        term_loss = None
+        if self.term is not None:
+            self.term.zero_grad()
+            real_theta = target if getattr(self.term, "real_side", "start") == "target" else start
+            augment = _siamese_dsa if cfg.dsa else None
+            term_loss, term_logs = self.term_loss(
+                self.model, partial(functional_forward, self.model, start),
+                partial(functional_forward, self.model, real_theta), self.images, self.labels, augment=augment,
+            )
+            logs.update(term_logs)
+        if not math.isfinite(float(loss)) or (term_loss is not None and not _finite(term_loss.detach())):
+            raise self._diverged(self._good, "loss", blame_lr=not _finite(self.syn_lr.detach()))
+        self._good = at_start  # these images gave a finite loss
+        self.images.grad = g_img
+        self.syn_lr.grad = g_lr
+        if term_loss is not None:
+            term_loss.backward()
+        if not (_finite(self.images.grad) and _finite(self.syn_lr.grad)):
+            raise self._diverged(at_start, "gradient", blame_lr=not _finite(self.syn_lr.grad))
+        self.opt_img.step()
+        self.opt_lr.step()
+        if self.term is not None:
+            self.term.step()
+        if not (_finite(self.images.detach()) and _finite(self.syn_lr.detach())):
+            raise self._diverged(at_start, "update", blame_lr=not _finite(self.syn_lr.detach()))
+        self.iteration += 1
+        return {"loss": float(loss), "syn_lr": self.learned_lr(), "start_epoch": float(t), **logs}
+
+    # -- outputs and state --------------------------------------------------------------------
+    def learned_lr(self) -> float:
+        """The learned student step size (evaluation trains fresh nets with it, as the original)."""
+        return float(self.syn_lr.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["syn_lr"] = self.syn_lr.detach().cpu().clone()
+        state["opt_img"] = copy.deepcopy(self.opt_img.state_dict())
+        state["opt_lr"] = copy.deepcopy(self.opt_lr.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            self.syn_lr.copy_(state["syn_lr"].to(self.device))
+        self.opt_img.load_state_dict(state["opt_img"])
+        self.opt_lr.load_state_dict(state["opt_lr"])
+        self._good = self._snapshot()
+
+
+def _siamese_dsa(x: Tensor, seed: int) -> Tensor:
+    from ..augment import dsa
+
+    return dsa(x, seed=seed)
