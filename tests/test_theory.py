@@ -19,8 +19,8 @@ def test_relu_instance_norm_and_pooling_are_not_injective():
     a, b = torch.tensor([-1.0, 2.0]), torch.tensor([-3.0, 2.0])
     assert torch.equal(F.relu(a), F.relu(b)) and not torch.equal(a, b)
     gn = torch.nn.GroupNorm(1, 1, affine=False)
-    x = torch.randn(1, 1, 4, 4)
-    assert torch.allclose(gn(x), gn(3 * x + 5), atol=1e-5)  # mean and scale are discarded
+    x = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(gn(x), gn(3 * x + 5), atol=1e-3)  # equal up to GroupNorm's eps  # mean and scale are discarded
     y = x.clone()
     y[0, 0, 0, 0] += 1.0
     y[0, 0, 0, 1] -= 1.0  # same 2x2 window sum
