@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every figure in docs/benchmarks.md and docs/guidelines.md comes from one of these commands, run in
+# this order on an otherwise idle 2-core CPU machine (outputs under runs/bench/, logs beside them).
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=runs/bench
+mkdir -p "$OUT"
+export MIM4DD_CACHE="$OUT/cache"   # a fresh expert cache: the first compare run builds the experts
+step() { echo "== $*" | tee -a "$OUT/steps.log"; /usr/bin/time -f "wall %e s, max RSS %M KiB" "$@" > "$OUT/$NAME.log" 2>&1; echo "   exit $? ($NAME)" | tee -a "$OUT/steps.log"; }
+
+NAME=compare_default step $PY bench/compare.py --methods mtt,mim4dd --json $OUT/compare_default.json --csv $OUT/compare_default.csv
+NAME=distill_digits step mim4dd-fast distill --method mim4dd --dataset digits --ipc 1 --out $OUT/digits-mim4dd
+NAME=mim_overhead_fused step $PY bench/compare.py --methods mtt,mim4dd --dataset random-cifar10 --ipc 10 --iterations 4 --evals 1 --eval-epochs 1 --set num_experts=1 --set method_config.syn_steps=30 --set method_config.width=128 --set method_config.depth=3 --set method_config.max_start_epoch=1 --set method_config.expert_epochs=1 --set mim4dd:mim.n_real=64 --json $OUT/mim_overhead_fused.json
+NAME=mim_overhead_naive step $PY bench/compare.py --methods mim4dd --dataset random-cifar10 --ipc 10 --iterations 4 --evals 1 --eval-epochs 1 --set num_experts=1 --set method_config.syn_steps=30 --set method_config.width=128 --set method_config.depth=3 --set method_config.max_start_epoch=1 --set method_config.expert_epochs=1 --set mim4dd:mim.n_real=64 --set 'mim4dd:mim.impl="reference"' --json $OUT/mim_overhead_naive.json
+NAME=unroll_ckpt step $PY bench/unroll.py --modes checkpointed --syn-steps 10 80 --ipc 10 --repeats 1 --json $OUT/unroll_ckpt.json
+NAME=unroll_full step $PY bench/unroll.py --modes full --syn-steps 10 40 --ipc 10 --repeats 1 --json $OUT/unroll_full.json
+NAME=kernels step $PY bench/kernels.py --sizes 1024 4096 16384 --dims 128 512 --impls reference chunked compile --repeats 3 --json $OUT/kernels.json
+NAME=ablate step $PY bench/ablate.py --workers 2 --out $OUT/ablation
+NAME=complexity step $PY bench/complexity.py --out $OUT/complexity --json $OUT/complexity.json
+NAME=baselines step $PY bench/baselines.py --skip 'dc10,mtt1_s50*,mtt10_s30*' --repeats 1 --json $OUT/baselines.json
