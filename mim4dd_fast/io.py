@@ -21,7 +21,6 @@ from safetensors.torch import save as st_save
 
 from .errors import DataError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

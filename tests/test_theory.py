@@ -20,7 +20,7 @@ def test_relu_instance_norm_and_pooling_are_not_injective():
     assert torch.equal(F.relu(a), F.relu(b)) and not torch.equal(a, b)
     gn = torch.nn.GroupNorm(1, 1, affine=False)
     x = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(gn(x), gn(3 * x + 5), atol=1e-3)  # equal up to GroupNorm's eps  # mean and scale are discarded
+    assert torch.allclose(gn(x), gn(3 * x + 5), atol=1e-3)  # mean and scale discarded (up to eps)
     y = x.clone()
     y[0, 0, 0, 0] += 1.0
     y[0, 0, 0, 1] -= 1.0  # same 2x2 window sum
