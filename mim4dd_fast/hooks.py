@@ -58,13 +58,17 @@ class FeatureTap:
         layers: list[str] | None = None,
         p: int = 2,
         out_dtype: torch.dtype | None = None,
+        mode: str = "fused",
     ) -> None:
+        if mode not in ("fused", "naive"):
+            raise ConfigError(f"Unknown tap mode {mode!r}; choose 'fused' or 'naive'.")
         if isinstance(p, bool) or not isinstance(p, int) or p < 1:
             raise ConfigError(f"The pooled feature size p must be an integer of at least 1, got {p!r}.")
         self.model = model
         self.layers = resolve_layers(model, layers)
         self.p = p
         self.out_dtype = out_dtype
+        self.mode = mode  # "naive" keeps the full map and pools on access: the baseline we beat
         self._features: dict[str, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -74,7 +78,10 @@ class FeatureTap:
                 raise ConfigError(
                     f"Layer {name!r} does not output a [B, C, H, W] feature map, so it cannot be tapped."
                 )
-            self._features[name] = feature_reduce(output, self.p, out_dtype=self.out_dtype)
+            if self.mode == "naive":
+                self._features[name] = output
+            else:
+                self._features[name] = feature_reduce(output, self.p, out_dtype=self.out_dtype)
 
         return hook
 
@@ -105,7 +112,13 @@ class FeatureTap:
         missing = [name for name in self.layers if name not in self._features]
         if missing:
             raise RuntimeError(f"FeatureTap saw no forward pass through layer(s) {missing}.")
+        if self.mode == "naive":  # full maps were kept; pooling here makes autograd save them too
+            return {name: self._reduce_naive(self._features[name]) for name in self.layers}
         return {name: self._features[name] for name in self.layers}
+
+    def _reduce_naive(self, x: Tensor) -> Tensor:
+        out = torch.nn.functional.adaptive_avg_pool2d(x, self.p).flatten(1)
+        return out if self.out_dtype is None else out.to(self.out_dtype)
 
     def clear(self) -> None:
         """Drop the recorded features (call between the synthetic and the real pass)."""

@@ -139,3 +139,35 @@ def test_store_dtype_clear_and_errors():
         FeatureTap(model, layers=[])
     with pytest.raises(ConfigError):
         FeatureTap(model, p=0)
+
+
+def test_naive_mode_same_features_but_saves_the_full_maps():
+    """The 'naive' tap (full maps kept, pooled in plain PyTorch) is the baseline the fused tap beats."""
+    torch.manual_seed(0)
+    model = ConvNet(3, 10, 16, width=8)
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    shapes = model.layer_shapes()
+
+    def run(mode):
+        saved = []
+
+        def pack(t):
+            saved.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with FeatureTap(model, p=2, mode=mode) as tap:
+                model(x)
+                feats = tap.features
+            loss = sum(f.square().sum() for f in feats.values())
+        return feats, saved, loss
+
+    fused, saved_fused, loss_fused = run("fused")
+    naive, saved_naive, loss_naive = run("naive")
+    for name in fused:
+        assert torch.allclose(fused[name], naive[name], atol=1e-6)
+    full = {(4, *shape) for shape in shapes.values()}
+    # pooling in plain PyTorch keeps a reference to the full map for its backward: more saved maps
+    assert sum(s in full for s in saved_naive) > sum(s in full for s in saved_fused)
+    with pytest.raises(ConfigError, match="tap mode"):
+        FeatureTap(model, mode="lazy")

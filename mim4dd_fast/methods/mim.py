@@ -39,6 +39,7 @@ _CHOICES = {
     "beta": ("uniform", "geometric", "list"),
     "real_side": ("start", "target"),
     "impl": CONTRASTIVE_IMPLS,
+    "tap": ("fused", "naive"),
 }
 
 
@@ -67,6 +68,7 @@ class MIMConfig:
     symmetric: bool = False  # also real anchors vs synthetic keys (mean of both directions)
     real_side: str = "start"  # MTT only: real features at the student ("start") or expert target
     impl: str = "auto"  # contrastive_loss implementation
+    tap: str = "fused"  # "fused": keep only pooled features; "naive": keep full maps (for comparison)
     seed: int = 0  # head initialisation seed (does not touch the global RNG)
 
     def validate(self) -> None:
@@ -197,7 +199,7 @@ class MIMTerm:
     def features(self, model: nn.Module, forward_syn, forward_real, x_syn: Tensor,
                  x_real: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Pooled features of each tapped layer: synthetic (with graph) and real (no graph)."""
-        with FeatureTap(model, self.layers, self.config.pool, self.feature_dtype) as tap:
+        with FeatureTap(model, self.layers, self.config.pool, self.feature_dtype, mode=self.config.tap) as tap:
             forward_syn(x_syn)
             f_syn = tap.features
             tap.clear()
