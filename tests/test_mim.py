@@ -240,9 +240,23 @@ def test_bfloat16_features_stay_close():
     assert half.item() == pytest.approx(full.item(), rel=0.05)
 
 
+def test_real_side_in_chunks_is_exact_and_naive_tap_agrees():
+    model = _net()
+    x_syn, y_syn = _batch(2)
+    x_real, y_real = _batch(5, seed=1)  # 15 real images: chunks of 4 leave a ragged last chunk
+    whole, logs = _term(model, n_real=5, real_chunk=128).loss(model, model, model, x_syn, y_syn, x_real, y_real)
+    chunked, logs_c = _term(model, n_real=5, real_chunk=4).loss(model, model, model, x_syn, y_syn, x_real, y_real)
+    naive, _ = _term(model, n_real=5, tap="naive").loss(model, model, model, x_syn, y_syn, x_real, y_real)
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-5)
+    assert naive.item() == pytest.approx(whole.item(), rel=1e-5)
+    assert logs_c["mi_lb/blocks.0"] == pytest.approx(logs["mi_lb/blocks.0"], rel=1e-5)
+
+
 # -- configuration errors ---------------------------------------------------------------------
 @pytest.mark.parametrize("settings, match", [
     ({"lam": -0.1}, "lam"),
+    ({"real_chunk": 0}, "real_chunk"),
+    ({"tap": "lazy"}, "tap"),
     ({"lam": float("nan")}, "finite"),
     ({"tau": 0.0}, "tau"),
     ({"tau": float("inf")}, "finite"),

@@ -68,6 +68,7 @@ class MIMConfig:
     symmetric: bool = False  # also real anchors vs synthetic keys (mean of both directions)
     real_side: str = "start"  # MTT only: real features at the student ("start") or expert target
     impl: str = "auto"  # contrastive_loss implementation
+    real_chunk: int = 128  # real images per forward pass of the real side (bounds peak memory)
     tap: str = "fused"  # "fused": keep only pooled features; "naive": keep full maps (for comparison)
     seed: int = 0  # head initialisation seed (does not touch the global RNG)
 
@@ -86,6 +87,7 @@ class MIMConfig:
         require(self.pool >= 1, f"MIM pool must be at least 1, got {self.pool}.")
         require(self.head_width >= 1, f"MIM head_width must be at least 1, got {self.head_width}.")
         require(self.n_real >= 1, f"MIM n_real must be at least 1, got {self.n_real}.")
+        require(self.real_chunk >= 1, f"MIM real_chunk must be at least 1, got {self.real_chunk}.")
         if self.layers is not None:
             require(len(self.layers) > 0, "MIM layers must name at least one layer (or be left unset for all).")
         if self.beta_list is not None:
@@ -203,9 +205,15 @@ class MIMTerm:
             forward_syn(x_syn)
             f_syn = tap.features
             tap.clear()
+            # Real images in chunks: the network is per-sample (instance norm), so this is exact, and
+            # only one chunk's full activations exist at a time (the tap keeps pooled features only).
+            parts = []
             with torch.no_grad():
-                forward_real(x_real)
-            f_real = tap.features
+                for chunk in x_real.split(self.config.real_chunk):
+                    forward_real(chunk)
+                    parts.append(tap.features)
+                    tap.clear()
+            f_real = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         return f_syn, f_real
 
     def _contrast(self, a: Tensor, b: Tensor, ya: Tensor, yb: Tensor, critic: str) -> Tensor:
