@@ -99,9 +99,11 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def overrides(items: list[str], method: str) -> dict[str, Any]:
+def overrides(items: list[str], method: str, methods: list[str] | None = None) -> dict[str, Any]:
     """``--set method_config.syn_steps=30 --set mim.impl='"reference"'`` as a settings layer for ``method``;
-    a ``METHOD:`` prefix (``--set dm:method_config.batch_real=64``) limits an item to that method."""
+    a ``METHOD:`` prefix (``--set dm:method_config.batch_real=64``) limits an item to that method. When the
+    prefix is itself one of ``methods`` it matches that name exactly, so aliases can run side by side with
+    different settings (``--methods mim4dd,mtt+mim --set mtt+mim:mim.impl='"reference"'``)."""
     from mim4dd_fast.errors import ConfigError
     from mim4dd_fast.methods.registry import canonical_name
 
@@ -109,7 +111,8 @@ def overrides(items: list[str], method: str) -> dict[str, Any]:
     for item in items:
         scope, colon, rest = item.partition(":")
         if colon and "=" not in scope:
-            if canonical_name(scope) != canonical_name(method):
+            exact = methods is not None and scope in methods
+            if (exact and scope != method) or (not exact and canonical_name(scope) != canonical_name(method)):
                 continue
             item = rest
         key, sep, value = item.partition("=")
@@ -163,7 +166,7 @@ def resolve_settings(method: str, args):
         flags["evals"] = args.evals
     if args.eval_epochs is not None:
         flags["eval"] = {"epochs": args.eval_epochs}
-    extra = overrides(args.set, method)
+    extra = overrides(args.set, method, [m.strip() for m in args.methods.split(",") if m.strip()])
     if not method.lower().replace(" ", "").endswith(("+mim", "mim4dd")):
         extra.pop("mim", None)
     settings = build_settings(merge_layers(preset, flags, extra))

@@ -99,3 +99,13 @@ def test_bad_flags_print_one_sentence_and_exit_2(argv, words, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and words.lower() in err.lower()
     assert "\n" not in err and "Traceback" not in err
+
+
+def test_set_prefix_matches_exact_alias_when_both_are_listed():
+    compare = _load("compare")
+    items = ['mtt+mim:mim.impl="reference"', "mim.tau=0.2", "mtt:method_config.syn_steps=3"]
+    both = ["mtt", "mim4dd", "mtt+mim"]
+    assert compare.overrides(items, "mtt+mim", both)["mim"] == {"impl": "reference", "tau": 0.2}
+    assert compare.overrides(items, "mim4dd", both)["mim"] == {"tau": 0.2}  # the alias is not matched
+    assert compare.overrides(items, "mim4dd", ["mim4dd"])["mim"] == {"impl": "reference", "tau": 0.2}
+    assert compare.overrides(items, "mtt", both)["method_config"] == {"syn_steps": 3}
