@@ -11,8 +11,9 @@ step() { echo "== $*" | tee -a "$OUT/steps.log"; /usr/bin/time -f "wall %e s, ma
 
 NAME=compare_default step $PY bench/compare.py --methods mtt,mim4dd --json $OUT/compare_default.json --csv $OUT/compare_default.csv
 NAME=distill_digits step mim4dd-fast distill --method mim4dd --dataset digits --ipc 1 --out $OUT/digits-mim4dd
-NAME=mim_overhead_fused step $PY bench/compare.py --methods mtt,mim4dd --dataset random-cifar10 --ipc 10 --iterations 4 --evals 1 --eval-epochs 1 --set num_experts=1 --set method_config.syn_steps=30 --set method_config.width=128 --set method_config.depth=3 --set method_config.max_start_epoch=1 --set method_config.expert_epochs=1 --set mim4dd:mim.n_real=64 --json $OUT/mim_overhead_fused.json
-NAME=mim_overhead_naive step $PY bench/compare.py --methods mim4dd --dataset random-cifar10 --ipc 10 --iterations 4 --evals 1 --eval-epochs 1 --set num_experts=1 --set method_config.syn_steps=30 --set method_config.width=128 --set method_config.depth=3 --set method_config.max_start_epoch=1 --set method_config.expert_epochs=1 --set mim4dd:mim.n_real=64 --set 'mim4dd:mim.impl="reference"' --json $OUT/mim_overhead_naive.json
+# MIM overhead on MTT (issue target): fused paths (mim4dd) and the naive path (mtt+mim with the reference
+# loss, full feature maps kept and the real batch in one pass) beside plain MTT, in one run.
+NAME=mim_overhead step $PY bench/compare.py --methods mtt,mim4dd,mtt+mim --dataset random-cifar10 --ipc 10 --iterations 4 --evals 1 --eval-epochs 1 --set num_experts=1 --set method_config.syn_steps=30 --set method_config.width=128 --set method_config.depth=3 --set method_config.max_start_epoch=1 --set method_config.expert_epochs=1 --set mim.n_real=64 --set 'mtt+mim:mim.impl="reference"' --set 'mtt+mim:mim.tap="naive"' --set mtt+mim:mim.real_chunk=100000 --json $OUT/mim_overhead.json
 NAME=unroll_ckpt step $PY bench/unroll.py --modes checkpointed --syn-steps 10 80 --ipc 10 --repeats 1 --json $OUT/unroll_ckpt.json
 NAME=unroll_full step $PY bench/unroll.py --modes full --syn-steps 10 40 --ipc 10 --repeats 1 --json $OUT/unroll_full.json
 NAME=kernels step $PY bench/kernels.py --sizes 1024 4096 16384 --dims 128 512 --impls reference chunked compile --repeats 3 --json $OUT/kernels.json
