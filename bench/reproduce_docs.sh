@@ -19,4 +19,4 @@ NAME=unroll_full step $PY bench/unroll.py --modes full --syn-steps 10 40 --ipc 1
 NAME=kernels step $PY bench/kernels.py --sizes 1024 4096 16384 --dims 128 512 --impls reference chunked compile --repeats 3 --json $OUT/kernels.json
 NAME=ablate step $PY bench/ablate.py --workers 2 --out $OUT/ablation
 NAME=complexity step $PY bench/complexity.py --out $OUT/complexity --json $OUT/complexity.json
-NAME=baselines step $PY bench/baselines.py --skip 'dc10,mtt1_s50*,mtt10_s30*' --repeats 1 --json $OUT/baselines.json
+NAME=baselines_quiet step $PY bench/baselines.py --rows 'mtt1_s10_full,mtt1_s10_ckpt,mtt1_s20_full,mtt1_s20_ckpt,dc1,dm1,dm10' --repeats 1 --json $OUT/baselines_quiet.json

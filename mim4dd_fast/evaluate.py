@@ -29,7 +29,7 @@ TEST_BATCH = 1024  # images per no_grad forward at test time (memory only; resul
 
 @dataclass
 class EvalConfig:
-    """How each evaluation net is trained (the originals' protocol; see docs/_parts/augment_evaluate.md).
+    """How each evaluation net is trained (the originals' protocol; see docs/method.md).
 
     ``epochs`` defaults to 100, not the originals' 300 (DC) / 1000 (MTT, DM): on the embedded digits
     set (8x8, ConvNet-2) any set of up to ``batch_size`` images is one minibatch, so an epoch is one

@@ -1,6 +1,6 @@
 """A folder of images, one sub-folder per class (the torchvision ImageFolder layout), read with Pillow.
 
-Choices (docs/_parts/data.md explains them):
+Choices (docs/method.md explains them):
 - splits: ``PATH/train`` and ``PATH/test`` when both exist, else a seeded 20% per class is held out
   (at least one image when the class has two or more);
 - images: every image is converted to RGB, resized so its shorter side is ``size`` and centre-cropped

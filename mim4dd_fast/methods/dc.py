@@ -8,7 +8,7 @@ rounds the net trains ``inner_loop`` epochs on the synthetic set. What differs (
 each class's distance is backpropagated at once into the images only (the original keeps all
 classes' double-backward graphs alive and also computes second-order gradients for the net's
 weights, which it then discards), and all randomness comes from the method's own generator so a
-resumed run is bit-identical. See docs/_parts/dc_dm.md.
+resumed run is bit-identical. See docs/method.md.
 """
 
 from __future__ import annotations

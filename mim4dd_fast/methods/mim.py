@@ -9,7 +9,7 @@ synthetic anchors with real keys (positive pair = same label). The term is
 where g_k' = g_k ("shared" heads) or a second head ("separate"). The real side runs the network
 under ``torch.no_grad()``: real features are constants, only the heads see gradients from them.
 Every choice the paper leaves open is a field of ``MIMConfig`` (defaults and reasons in
-docs/_parts/mim.md).
+docs/method.md).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _CHOICES = {
 
 @dataclass
 class MIMConfig:
-    """Settings of the MIM4DD term (see docs/_parts/mim.md for why each default)."""
+    """Settings of the MIM4DD term (see docs/method.md for why each default)."""
 
     lam: float = 0.1  # lambda: weight of the term next to the method's own loss
     tau: float = 0.1  # temperature of the normalised similarity
