@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 import weakref
 
-import psutil
 import torch
 
 
@@ -84,21 +82,24 @@ def worker(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(1)
     unroll = UNROLLS[args.mode]
     import mim4dd_fast.augment  # noqa: F401  (imported before the baseline, as in a real run)
+    from mim4dd_fast.profiling import PeakRSS
 
-    rss0 = psutil.Process().memory_info().rss
-
-    def one() -> tuple[float, int]:
+    def one(count_saved: bool) -> tuple[float, int]:
         batches = [(torch.randperm(n, generator=gen), int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
                    for _ in range(args.syn_steps)]
         counter = SavedBytes()
         t0 = time.perf_counter()
-        with counter.hooks():
+        if count_saved:
+            with counter.hooks():
+                unroll(model, start, target, images, labels, syn_lr, batches)
+        else:
             unroll(model, start, target, images, labels, syn_lr, batches)
         return time.perf_counter() - t0, counter.peak
 
-    one()  # warm-up
-    runs = [one() for _ in range(args.repeats)]
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    _, saved_peak = one(count_saved=True)  # warm-up, and the saved-for-backward count
+    # RSS and time without the counting hooks: the hooks' own bookkeeping would inflate RSS
+    with PeakRSS() as rss:
+        runs = [one(count_saved=False) for _ in range(args.repeats)]
     return {
         "mode": args.mode,
         "syn_steps": args.syn_steps,
@@ -106,8 +107,9 @@ def worker(args: argparse.Namespace) -> dict:
         "images_per_step": n,
         "params": n_params,
         "s_per_iter": statistics.median(r[0] for r in runs),
-        "saved_peak_bytes": max(r[1] for r in runs),
-        "rss_rise_bytes": max(0, peak_rss - rss0),
+        "saved_peak_bytes": saved_peak,
+        "rss_rise_bytes": rss.delta,
+        "rss_method": rss.method,
     }
 
 
