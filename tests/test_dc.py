@@ -9,24 +9,12 @@ import torch.nn.functional as F
 
 from mim4dd_fast.checkpoint import read_checkpoint, save_checkpoint
 from mim4dd_fast.config import from_mapping
-from mim4dd_fast.data import load_dataset
 from mim4dd_fast.errors import ConfigError
 from mim4dd_fast.evaluate import EvalConfig, evaluate_synthetic, random_baseline
 from mim4dd_fast.methods.dc import DC, DCConfig, default_loops, match_distance
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These nets are tiny: one thread is faster, and 2 spinning threads crawl on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def _tiny(**kw):

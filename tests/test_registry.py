@@ -3,24 +3,13 @@
 import pytest
 import torch
 
-from mim4dd_fast.data import load_dataset
 from mim4dd_fast.errors import ConfigError
 from mim4dd_fast.methods import METHOD_NAMES, build_method, canonical_name, config_class
 from mim4dd_fast.methods.dc import DC, DCConfig
 from mim4dd_fast.methods.dm import DM, DMConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def test_names_and_aliases():
