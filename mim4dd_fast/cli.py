@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--data-dir", default=None)
     di.add_argument("--ipc", type=int, default=None)
     di.add_argument("--out", required=True, help="the run directory")
-    di.add_argument("--preset", default=None, help="a named preset (mim4dd-fast show --presets lists them)")
+    di.add_argument("--preset", default=None, help="a preset from mim4dd_fast/presets/, e.g. mtt-cifar10-ipc10")
     di.add_argument("--config", default=None, help="a TOML settings file (e.g. another run's config.toml)")
     di.add_argument("--iterations", type=int, default=None)
     di.add_argument("--eval-every", type=int, default=None, help="evaluate one net every K iterations")
