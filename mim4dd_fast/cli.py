@@ -36,15 +36,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _device(name: str) -> str:
-    import torch
+    from .runner import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA device is available.")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"Unknown device {name!r}; choose auto, cpu or cuda.")
-    return name
+    return resolve_device(name)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

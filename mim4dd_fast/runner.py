@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import time
@@ -153,26 +152,11 @@ def write_manifest(out: Path, settings: Settings, extra: dict[str, Any]) -> None
     for name in RUN_FILES:
         if (out / name).exists():
             files[name] = sha256_file(out / name)
-    atomic_write_json(out / "manifest.json", {"environment": environment(), "files": files, **extra})
+    from .profiling import environment
 
+    env = {"mim4dd_fast": __version__, **environment(resolve_device(settings.run.device))}
+    atomic_write_json(out / "manifest.json", {"environment": env, "files": files, **extra})
 
-def environment() -> dict[str, Any]:
-    """Versions and machine facts recorded with every run and benchmark."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # triton missing or broken: the PyTorch paths still work
-        triton_version = None
-    return {
-        "mim4dd_fast": __version__,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-    }
 
 
 def load_run_dataset(run):
