@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from rich.console import Console
@@ -39,6 +40,26 @@ def _device(name: str) -> str:
     from .runner import resolve_device
 
     return resolve_device(name)
+
+
+def _add_dist_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="under torchrun: seconds a rank waits for the others before it stops with an error "
+                        "(default $MIM4DD_DIST_TIMEOUT or 1800)")
+
+
+def _join(args: argparse.Namespace, device: str):
+    """Join the torchrun job when launched by torchrun (else a single-process Dist); returns (dist, device)."""
+    from .distributed import init_from_env, rank_device
+
+    dist = init_from_env(getattr(args, "dist_timeout", None), device)
+    return dist, rank_device(device, dist)
+
+
+def _rank_prefix() -> str:
+    from .distributed import launched_distributed
+
+    return f"[rank {os.environ.get('RANK', '?')}] " if launched_distributed() else ""
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -280,14 +301,21 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .distributed import DistributedError, shutdown
+
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        console.print(f"error: {exc}")
+        console.print(f"{_rank_prefix()}error: {exc}")
         return 2
+    except DistributedError as exc:
+        console.print(f"{_rank_prefix()}error: {exc}")
+        return 1
     except KeyboardInterrupt:
-        console.print("interrupted.")
+        console.print(f"{_rank_prefix()}interrupted.")
         return 130
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

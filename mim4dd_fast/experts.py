@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import Dataset
+from .distributed import SINGLE, Dist
 from .errors import ConfigError, DataError
 from .io import atomic_write_json, check_writable_dir, load_tensors, save_tensors, sha256_file
 from .models import build_model, flatten_params
@@ -151,6 +152,7 @@ def train_experts(
     model_kwargs: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    dist: Dist = SINGLE,
 ) -> list[Path]:
     """Train (or finish training) ``num_experts`` experts into ``out_dir``; returns their files in order.
 
@@ -233,6 +235,7 @@ def ensure_experts(
     model_kwargs: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    dist: Dist = SINGLE,
 ) -> list[Tensor]:
     """Build (or finish, or just load) experts in ``cache_root/<dataset>-<settings key>`` and return them.
 
@@ -244,7 +247,7 @@ def ensure_experts(
     out_dir = Path(cache_root) / f"{dataset.name}-{settings_key(settings)}"
     paths = train_experts(dataset, out_dir, num_experts=num_experts, epochs=epochs, seed=seed, lr=lr,
                           batch_size=batch_size, dsa=dsa, model_kwargs=model_kwargs, device=device,
-                          progress=progress)
+                          progress=progress, dist=dist)
     manifest = _read_manifest(out_dir)
     assert manifest is not None
     return [load_tensors(p, expected_sha256=manifest["experts"][p.name])["trajectory"] for p in paths]

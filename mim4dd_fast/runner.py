@@ -28,6 +28,7 @@ import torch
 
 from . import __version__
 from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .distributed import SINGLE, Dist
 from .errors import ConfigError, NonFiniteError, UserError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir, save_tensors, sha256_file
 from .settings import Settings, build_settings, read_toml
@@ -166,8 +167,8 @@ def load_run_dataset(run):
                         seed=run.seed)
 
 
-def _experts_for(settings: Settings, dataset, out: Path, device: str, progress=None):
-    """Build (or resume building) the MTT experts inside the run directory, checksummed."""
+def _experts_for(settings: Settings, dataset, out: Path, device: str, progress=None, dist: Dist = SINGLE):
+    """Build (or resume building) the MTT experts inside the run directory, checksummed (collective)."""
     from .config import from_mapping
     from .experts import ensure_experts
     from .methods.registry import canonical_name, config_class
@@ -176,7 +177,7 @@ def _experts_for(settings: Settings, dataset, out: Path, device: str, progress=N
     epochs = settings.run.expert_epochs or (cfg.max_start_epoch + cfg.expert_epochs)
     return ensure_experts(dataset, out / "experts", num_experts=settings.run.num_experts, epochs=epochs,
                           seed=settings.run.seed, model_kwargs=cfg.model_kwargs(dataset), device=device,
-                          progress=progress)
+                          progress=progress, dist=dist)
 
 
 def build_run_method(settings: Settings, dataset, out: Path, device: str, progress=None):
