@@ -62,21 +62,28 @@ def parse_strategy(strategy: str) -> list[str]:
 class _Draw:
     """Uniform random numbers for a batch: per-sample, or one value shared by the batch (siamese)."""
 
-    def __init__(self, batch: int, shared: bool, generator: torch.Generator | None, device, dtype) -> None:
+    def __init__(self, batch: int, shared: bool, generator: torch.Generator | None, device, dtype,
+                 rows: Tensor | None = None, full_batch: int | None = None) -> None:
         self.batch, self.shared, self.generator = batch, shared, generator
         self.device, self.dtype = device, dtype
         self.source = generator.device if generator is not None else torch.device("cpu")
+        # A shard of a larger batch: draw for all full_batch images, keep the shard's rows.
+        self.rows = None if rows is None else rows.to(self.source)
+        self.draws = full_batch if rows is not None else batch
+
+    def _keep(self, v: Tensor) -> Tensor:
+        return v if self.shared or self.rows is None else v[self.rows]
 
     def uniform(self) -> Tensor:
         """[B] floats in [0, 1) on x.device (float64 draws so siamese values never depend on B)."""
-        n = 1 if self.shared else self.batch
-        u = torch.rand(n, generator=self.generator, device=self.source, dtype=torch.float64)
+        n = 1 if self.shared else self.draws
+        u = self._keep(torch.rand(n, generator=self.generator, device=self.source, dtype=torch.float64))
         return u.to(device=self.device, dtype=self.dtype).expand(self.batch)
 
     def integers(self, low: int, high: int) -> Tensor:
         """[B] int64 in [low, high) on x.device."""
-        n = 1 if self.shared else self.batch
-        v = torch.randint(low, high, (n,), generator=self.generator, device=self.source)
+        n = 1 if self.shared else self.draws
+        v = self._keep(torch.randint(low, high, (n,), generator=self.generator, device=self.source))
         return v.to(self.device).expand(self.batch)
 
     def choice(self, k: int) -> int:
@@ -156,12 +163,18 @@ def dsa(
     strategy: str = DEFAULT_STRATEGY,
     params: DSAParams | None = None,
     generator: torch.Generator | None = None,
+    rows: Tensor | None = None,
+    full_batch: int | None = None,
 ) -> Tensor:
     """Apply one randomly chosen DSA family to the batch ``x`` [B, C, H, W] (differentiable in x).
 
     ``seed`` given: siamese mode, family and parameters from ``torch.Generator().manual_seed(seed)``,
     shared by the batch (``generator`` is ignored). Otherwise per-sample parameters from
     ``generator`` (or the global RNG).
+
+    ``rows`` (with ``full_batch``): ``x`` is rows ``rows`` of a batch of ``full_batch`` images. The
+    parameters are drawn for the whole batch and the rows' ones applied, so a data-parallel shard is
+    augmented exactly as it would be inside the full batch.
     """
     families = parse_strategy(strategy)
     if not families:
@@ -171,6 +184,8 @@ def dsa(
     params = params or DSAParams()
     if seed is not None:
         generator = torch.Generator().manual_seed(int(seed))
-    draw = _Draw(x.shape[0], seed is not None, generator, x.device, x.dtype)
+    if rows is not None and (full_batch is None or rows.numel() != x.shape[0]):
+        raise ValueError("dsa: rows needs full_batch and one index per image of x")
+    draw = _Draw(x.shape[0], seed is not None, generator, x.device, x.dtype, rows, full_batch)
     family = families[draw.choice(len(families))]
     return _FNS[family](x, params, draw).contiguous()

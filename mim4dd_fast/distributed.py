@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -145,6 +145,25 @@ class Dist:
         with self._guard(what):
             dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, fn: Callable[[], T], what: str) -> T:
+        """Run ``fn`` on rank 0 only and hand its result to every rank; a UserError raised there is
+        raised on every rank too, so no rank waits for a partner that has already given up."""
+        if not self.enabled:
+            return fn()
+        from .errors import UserError
+
+        outcome: tuple[bool, Any] = (True, None)
+        if self.is_main:
+            try:
+                outcome = (True, fn())
+            except UserError as exc:
+                outcome = (False, (type(exc), str(exc)))
+        ok, value = self.broadcast_object(outcome, what)
+        if not ok:
+            kind, message = value
+            raise kind(message)
+        return value
 
     def _device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")

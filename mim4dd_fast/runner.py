@@ -180,13 +180,13 @@ def _experts_for(settings: Settings, dataset, out: Path, device: str, progress=N
                           progress=progress, dist=dist)
 
 
-def build_run_method(settings: Settings, dataset, out: Path, device: str, progress=None):
+def build_run_method(settings: Settings, dataset, out: Path, device: str, progress=None, dist: Dist = SINGLE):
     from .methods.registry import build_method, canonical_name
 
     name = canonical_name(settings.run.method)
-    experts = _experts_for(settings, dataset, out, device, progress) if name.startswith("mtt") else None
+    experts = _experts_for(settings, dataset, out, device, progress, dist=dist) if name.startswith("mtt") else None
     return build_method(name, dataset, settings.run.ipc, config=settings.method, mim=settings.mim or None,
-                        experts=experts, device=device, seed=settings.run.seed, init=settings.run.init)
+                        experts=experts, device=device, seed=settings.run.seed, init=settings.run.init, dist=dist)
 
 
 def _finite_logs(logs: dict[str, Any]) -> dict[str, float]:
@@ -215,38 +215,79 @@ def _check_finite(method, logs: dict[str, Any], settings: Settings) -> None:
                          "checkpoint.")
 
 
-def distill(settings: Settings, out: str | Path, *, resume: bool = False, console=None) -> dict[str, Any]:
-    """Run (or resume) a distillation into ``out``; returns the final evaluation."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    console = console or Console(stderr=True)
-    out = prepare_run_dir(out, resume)
-    run = settings.run
-    device = resolve_device(run.device)
-    dataset = load_run_dataset(run)
-    dataset.class_index.check_ipc(run.ipc)
+def _start_run_dir(settings: Settings, out: Path, resume: bool) -> None:
     if not resume:
         atomic_write_text(out / "config.toml", to_toml(settings))
     (out / "manifest.json").unlink(missing_ok=True)  # the run is incomplete until the end
 
-    method = build_run_method(settings, dataset, out, device)
+
+def _resume_state(method, out: Path, dist: Dist, console) -> int:
+    """Load the newest good checkpoint into ``method``; the iteration it holds (0 when there is none).
+
+    Every rank reads the same files; the checkpoint records how many processes wrote it, and a
+    different number now is refused (the per-rank work split, hence the float rounding, would change).
+    """
+    found = load_latest_checkpoint(out / "checkpoints",
+                                   warn=lambda m: console.print(f"warning: {m}") if dist.is_main else None)
+    start = 0
+    if found is not None:
+        start, state = found
+        saved_world = int(state.pop("world_size", 1))
+        if saved_world != dist.world_size:
+            raise UserError(f"Run {out} was checkpointed by {saved_world} process(es) but is resumed with "
+                            f"{dist.world_size}; resume it with the same number (torchrun --nproc-per-node "
+                            f"{saved_world}{' ...' if saved_world > 1 else ' or no torchrun'}).")
+        method.load_state_dict(state)
+    starts = dist.all_gather_objects(start, "agreeing on the checkpoint to resume from")
+    if len(set(starts)) != 1:
+        raise UserError(f"The ranks found different checkpoints in {out / 'checkpoints'} (iterations {starts}); "
+                        "is the run directory on a filesystem every rank sees the same way?")
+    if dist.is_main and found is not None:
+        console.print(f"resuming from iteration {start}")
+    return start
+
+
+def _save_checkpoint(method, out: Path, iteration: int, dist: Dist) -> None:
+    state = {**method.state_dict(), "world_size": dist.world_size}  # state_dict is collective under torchrun
+    if dist.is_main:
+        save_checkpoint(out / "checkpoints", iteration, state)
+
+
+def distill(settings: Settings, out: str | Path, *, resume: bool = False, console=None,
+            dist: Dist = SINGLE) -> dict[str, Any]:
+    """Run (or resume) a distillation into ``out``; returns the final evaluation ({} on ranks other than 0).
+
+    Under torchrun (``dist`` from distributed.init_from_env) every rank runs this collectively: rank 0
+    alone writes the run directory, checkpoints, metrics and results, and draws the progress bar.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .distributed import rank_device
+
+    console = console or Console(stderr=True)
+    out = dist.on_main(lambda: prepare_run_dir(out, resume), "checking the run directory")
+    run = settings.run
+    device = rank_device(resolve_device(run.device), dist)
+    dataset = load_run_dataset(run)
+    dataset.class_index.check_ipc(run.ipc)
+    dist.on_main(lambda: _start_run_dir(settings, out, resume), "starting the run directory")
+
+    method = build_run_method(settings, dataset, out, device, dist=dist)
     start = 0
     if resume:
-        found = load_latest_checkpoint(out / "checkpoints", warn=lambda m: console.print(f"warning: {m}"))
-        if found is not None:
-            start, state = found
-            method.load_state_dict(state)
-            console.print(f"resuming from iteration {start}")
+        start = _resume_state(method, out, dist, console)
     else:
-        save_checkpoint(out / "checkpoints", 0, method.state_dict())  # a good state exists from the start
-    _truncate_metrics(out / "metrics.jsonl", start)
+        _save_checkpoint(method, out, 0, dist)  # a good state exists from the start
+    if dist.is_main:
+        _truncate_metrics(out / "metrics.jsonl", start)
 
     stop: dict[str, int] = {}
     last_eval: dict[str, Any] | None = None
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
-    with _stop_on_signals(stop), Progress(*columns, console=console, transient=False) as progress:
+    with _stop_on_signals(stop), Progress(*columns, console=console, transient=False,
+                                          disable=not dist.is_main) as progress:
         task = progress.add_task(f"distill {run.method}", total=run.iterations, completed=start, status="")
         for it in range(start + 1, run.iterations + 1):
             t0 = time.perf_counter()
@@ -254,23 +295,28 @@ def distill(settings: Settings, out: str | Path, *, resume: bool = False, consol
             _check_finite(method, logs, settings)
             seconds = time.perf_counter() - t0
             record = {"iteration": it, "seconds": seconds, **_finite_logs(logs)}
-            if run.eval_every and it % run.eval_every == 0 and it < run.iterations:
+            stopping = dist.any(bool(stop), "agreeing to stop")  # every rank stops at the same iteration
+            if dist.is_main and run.eval_every and it % run.eval_every == 0 and it < run.iterations:
                 last_eval = evaluate_method(method, dataset, settings, device, n_nets=1)
                 record["eval_accuracy"] = last_eval["mean"]
-            _append_jsonl(out / "metrics.jsonl", record)
-            if it % run.checkpoint_every == 0 or it == run.iterations or stop:
-                save_checkpoint(out / "checkpoints", it, method.state_dict())
+            if dist.is_main:
+                _append_jsonl(out / "metrics.jsonl", record)
+            if it % run.checkpoint_every == 0 or it == run.iterations or stopping:
+                _save_checkpoint(method, out, it, dist)
             status = f"loss {record.get('loss', math.nan):.4g}"
             if last_eval is not None:
                 status += f" acc {100 * last_eval['mean']:.1f}%"
             progress.update(task, advance=1, status=status)
-            if stop:
-                raise Interrupted(stop["signum"])
+            if stopping:
+                raise Interrupted(stop.get("signum", signal.SIGTERM))
 
-    return finish_run(method, dataset, settings, out, device, console)
+    if not dist.is_main:
+        return {}
+    return finish_run(method, dataset, settings, out, device, console, dist)
 
 
-def finish_run(method, dataset, settings: Settings, out: Path, device: str, console) -> dict[str, Any]:
+def finish_run(method, dataset, settings: Settings, out: Path, device: str, console,
+               dist: Dist = SINGLE) -> dict[str, Any]:
     """Write the synthetic set, its picture, the evaluation and (last) the manifest."""
     x, y = method.synthetic_set()
     tensors = {"images": x, "labels": y}
@@ -284,7 +330,8 @@ def finish_run(method, dataset, settings: Settings, out: Path, device: str, cons
     atomic_write_json(out / "eval.json", {"method": settings.run.method, "dataset": settings.run.dataset,
                                           "ipc": settings.run.ipc, **result})
     write_manifest(out, settings, {"method": settings.run.method, "iterations": settings.run.iterations,
-                                   "accuracy_mean": result["mean"], "accuracy_std": result["std"]})
+                                   "accuracy_mean": result["mean"], "accuracy_std": result["std"],
+                                   "distributed": dist.describe()})
     return result
 
 

@@ -67,12 +67,16 @@ class ClassIndex:
     def smallest_class(self) -> int:
         return min(self.counts)
 
-    def sample(self, c: int, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` random images of class ``c`` without replacement (all of them if n >= count)."""
+    def draw(self, c: int, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Indices of ``n`` random images of class ``c`` without replacement (all of them if n >= count)."""
         idx = self.indices[c]
         if n < idx.numel():
             idx = idx[torch.randperm(idx.numel(), generator=generator)[:n]]
-        return self.x[idx]
+        return idx
+
+    def sample(self, c: int, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` random images of class ``c`` without replacement (all of them if n >= count)."""
+        return self.x[self.draw(c, n, generator)]
 
     def check_ipc(self, ipc: int) -> None:
         if ipc < 1:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import Dataset
+from ..distributed import SINGLE, Dist
 from ..errors import ConfigError
 
 
@@ -37,6 +38,10 @@ class AuxTerm(Protocol):
     def zero_grad(self) -> None: ...
 
     def step(self) -> None: ...
+
+    def parameters(self) -> list[Tensor]:
+        """The term's own trainable tensors (heads); averaged over ranks under data parallelism."""
+        ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -73,8 +78,10 @@ class DistillMethod:
         device: str | torch.device = "cpu",
         seed: int = 0,
         term: AuxTerm | None = None,
+        dist: Dist = SINGLE,
     ) -> None:
         self.dataset, self.ipc, self.device, self.seed = dataset, ipc, torch.device(device), seed
+        self.dist = dist
         self.generator = torch.Generator().manual_seed(seed)
         images, labels = init_synthetic(dataset, ipc, init, self.generator)
         self.images = images.to(self.device).requires_grad_(True)
@@ -102,6 +109,46 @@ class DistillMethod:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
             x_syn, x_real = augment(x_syn, seed), augment(x_real, seed)
         return self.term.loss(model, forward_syn, forward_real, x_syn, y_syn, x_real, y_real)
+
+    # -- data parallelism (every collective is a no-op on one process) --------------------------
+    def owned_classes(self) -> set[int]:
+        """Classes whose synthetic images this rank updates (round-robin; all of them on one process)."""
+        return set(self.dist.owned(range(self.dataset.num_classes)))
+
+    def _owned_rows(self) -> Tensor:
+        """[N, 1, 1, 1] bool: rows of the (class-major) synthetic set that belong to this rank's classes."""
+        owned = torch.tensor(sorted(self.owned_classes()), device=self.labels.device)
+        return torch.isin(self.labels, owned).view(-1, 1, 1, 1)
+
+    def gather_owned(self, local: Tensor, what: str) -> Tensor:
+        """Every rank's own rows of ``local`` (shaped like the images) assembled on every rank (exact)."""
+        if not self.dist.enabled:
+            return local
+        buf = torch.where(self._owned_rows(), local.detach(), torch.zeros((), dtype=local.dtype,
+                                                                           device=local.device))
+        return self.dist.all_reduce_(buf.contiguous(), what)
+
+    def sync_owned_images(self) -> None:
+        """After each rank stepped its own classes' images, give every rank all the new images."""
+        if self.dist.enabled:
+            with torch.no_grad():
+                self.images.copy_(self.gather_owned(self.images, "exchanging the synthetic images"))
+
+    def check_class_sharding(self) -> None:
+        """Class-sharded methods (DC, DM) need at least one class per rank."""
+        if self.dist.world_size > self.dataset.num_classes:
+            raise ConfigError(f"{self.name.upper()} shards the classes over the ranks, but {self.dataset.num_classes} "
+                              f"classes cannot feed {self.dist.world_size} ranks; use at most "
+                              f"{self.dataset.num_classes} processes.")
+
+    def average_term_grads(self, include_images: bool) -> None:
+        """Every rank computed the same MIM term; averaging its gradients keeps the replicas identical
+        even where GPU kernels are not bitwise deterministic (the mean of equal values is the value)."""
+        if not self.dist.enabled or self.term is None:
+            return
+        tensors = list(self.term.parameters()) + ([self.images] if include_images else [])
+        grads = [p.grad for p in tensors if p.grad is not None]
+        self.dist.average_(grads, "averaging the MIM term's gradients")
 
     def synthetic_set(self) -> tuple[Tensor, Tensor]:
         """Detached copies of the synthetic images and labels (CPU)."""

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..config import require
 from ..data import Dataset
+from ..distributed import SINGLE, Dist
 from ..errors import NonFiniteError
 from ..models import build_model
 from .base import AuxTerm, DistillMethod
@@ -163,7 +164,13 @@ class FreshNetMixin:
             raise NonFiniteError(f"{what} became non-finite at iteration {it}; {advice}.")
 
     def _optimizer_state(self) -> dict[str, Any]:
-        return copy.deepcopy(self.optimizer.state_dict())
+        """The images' optimizer state; under torchrun each rank's momentum rows of its own classes are
+        assembled so the state is the single-process one (collective: every rank calls state_dict)."""
+        state = copy.deepcopy(self.optimizer.state_dict())
+        for entry in state["state"].values():
+            if "momentum_buffer" in entry and entry["momentum_buffer"] is not None:
+                entry["momentum_buffer"] = self.gather_owned(entry["momentum_buffer"], "gathering the optimizer state")
+        return state
 
     def _load_optimizer_state(self, state: dict[str, Any]) -> None:
         # Deep copy: torch may keep the given tensors as its own buffers and update them in place.
@@ -176,16 +183,20 @@ class DC(FreshNetMixin, DistillMethod):
     name = "dc"
 
     def __init__(self, dataset: Dataset, ipc: int, config: DCConfig | None = None, *, init: str = "real",
-                 device: str | torch.device = "cpu", seed: int = 0, term: AuxTerm | None = None) -> None:
-        super().__init__(dataset, ipc, init=init, device=device, seed=seed, term=term)
+                 device: str | torch.device = "cpu", seed: int = 0, term: AuxTerm | None = None,
+                 dist: Dist = SINGLE) -> None:
+        super().__init__(dataset, ipc, init=init, device=device, seed=seed, term=term, dist=dist)
         self.config = config if config is not None else DCConfig()
         self.config.validate()
+        self.check_class_sharding()
         self.outer_loop, self.inner_loop = self.config.loops(ipc)
         self.optimizer = torch.optim.SGD([self.images], lr=self.config.lr_img, momentum=self.config.momentum_img)
         self._dsa = load_dsa() if self.config.dsa else None
 
     # -- one iteration --------------------------------------------------------------------
     def step(self) -> dict[str, float]:
+        """Under torchrun each rank matches and updates only its own classes' images (their gradients
+        stay local); the new images are exchanged after every round, so the net trains on all of them."""
         cfg = self.config
         net = self._fresh_net(cfg.width, cfg.depth)
         params = list(net.parameters())
@@ -200,6 +211,7 @@ class DC(FreshNetMixin, DistillMethod):
             if ol == 0 and self.term is not None:
                 logs = self._term_backward(net, params)
             self.optimizer.step()
+            self.sync_owned_images()
             if ol == 0 and self.term is not None:
                 self.term.step()
             if ol == self.outer_loop - 1:
@@ -216,7 +228,13 @@ class DC(FreshNetMixin, DistillMethod):
         """
         cfg, ipc = self.config, self.ipc
         total = torch.zeros((), device=self.device)
+        owned = self.owned_classes()
         for c in range(self.dataset.num_classes):
+            if c not in owned:  # another rank's class: draw its random numbers (identical streams), skip the work
+                self.dataset.class_index.draw(c, cfg.batch_real, self.generator)
+                if self._dsa is not None:
+                    self._draw_seed()
+                continue
             x_real, y_real = self.sample_real(cfg.batch_real, [c])
             x_syn = self.images[c * ipc : (c + 1) * ipc]
             if self._dsa is not None:
@@ -228,7 +246,7 @@ class DC(FreshNetMixin, DistillMethod):
             dist = match_distance(gw_syn, [g.detach() for g in gw_real], cfg.dis_metric, cfg.include_1d)
             dist.backward(inputs=[self.images])
             total += dist.detach()
-        return float(total)
+        return float(self.dist.all_reduce_(total, "the DC loss sum"))
 
     def train_net(self, net: nn.Module, net_opt: torch.optim.Optimizer) -> None:
         """``inner_loop`` epochs over a frozen copy of the synthetic set (the original's ``epoch('train')``)."""
@@ -257,6 +275,7 @@ class DC(FreshNetMixin, DistillMethod):
             term_loss, logs = self.term_loss(net, net, net, self.images, self.labels, augment=self._dsa)
             self._check_finite(float(term_loss.detach()), "The MIM term", "lower its weight lambda or lr_img")
             term_loss.backward()
+            self.average_term_grads(include_images=False)  # image rows: each rank keeps only its own
         finally:
             for p in params:
                 p.requires_grad_(True)

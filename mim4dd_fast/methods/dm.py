@@ -19,6 +19,7 @@ import torch
 
 from ..config import require
 from ..data import Dataset
+from ..distributed import SINGLE, Dist
 from .base import AuxTerm, DistillMethod
 from .dc import FreshNetMixin, load_dsa
 
@@ -54,20 +55,30 @@ class DM(FreshNetMixin, DistillMethod):
     name = "dm"
 
     def __init__(self, dataset: Dataset, ipc: int, config: DMConfig | None = None, *, init: str = "real",
-                 device: str | torch.device = "cpu", seed: int = 0, term: AuxTerm | None = None) -> None:
-        super().__init__(dataset, ipc, init=init, device=device, seed=seed, term=term)
+                 device: str | torch.device = "cpu", seed: int = 0, term: AuxTerm | None = None,
+                 dist: Dist = SINGLE) -> None:
+        super().__init__(dataset, ipc, init=init, device=device, seed=seed, term=term, dist=dist)
         self.config = config if config is not None else DMConfig()
         self.config.validate()
+        self.check_class_sharding()
         self.optimizer = torch.optim.SGD([self.images], lr=self.config.lr_img, momentum=self.config.momentum_img)
         self._dsa = load_dsa() if self.config.dsa else None
 
     def step(self) -> dict[str, float]:
+        """Under torchrun each rank matches only its own classes and updates their images (gradients
+        stay local); the new images are exchanged at the end of the step."""
         cfg, ipc, k = self.config, self.ipc, self.dataset.num_classes
         net = self._fresh_net(cfg.width, cfg.depth)
         for p in net.parameters():
             p.requires_grad_(False)
         real_means, syn = [], []
+        owned = self.owned_classes()
         for c in range(k):
+            if c not in owned:  # another rank's class: same random draws, no work
+                self.dataset.class_index.draw(c, cfg.batch_real, self.generator)
+                if self._dsa is not None:
+                    self._draw_seed()
+                continue
             x_real, _ = self.sample_real(cfg.batch_real, [c])
             x_syn = self.images[c * ipc : (c + 1) * ipc]
             if self._dsa is not None:
@@ -76,9 +87,9 @@ class DM(FreshNetMixin, DistillMethod):
             with torch.no_grad():
                 real_means.append(net.embed(x_real).mean(0))
             syn.append(x_syn)
-        syn_means = net.embed(torch.cat(syn)).view(k, ipc, -1).mean(1)
+        syn_means = net.embed(torch.cat(syn)).view(len(syn), ipc, -1).mean(1)
         loss = ((torch.stack(real_means) - syn_means) ** 2).sum()
-        value = float(loss.detach())
+        value = float(self.dist.all_reduce_(loss.detach().clone(), "the DM loss sum"))
         self._check_finite(value, "The DM matching loss", f"lower lr_img (now {cfg.lr_img:g})")
         self.optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
@@ -88,7 +99,9 @@ class DM(FreshNetMixin, DistillMethod):
             self._check_finite(float(term_loss.detach()), "The MIM term", "lower its weight lambda or lr_img")
             loss = loss + term_loss
         loss.backward()
+        self.average_term_grads(include_images=False)  # image rows: each rank keeps only its own
         self.optimizer.step()
+        self.sync_owned_images()
         if self.term is not None:
             self.term.step()
         self.iteration += 1

@@ -258,6 +258,9 @@ class MIMTerm:
         if self.optimizer is not None:
             self.optimizer.step()
 
+    def parameters(self) -> list[Tensor]:
+        return [p for p in self.head_modules.parameters() if p.requires_grad]
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "heads": {k: v.detach().cpu().clone() for k, v in self.head_modules.state_dict().items()},

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..config import from_mapping, require
 from ..data import Dataset
+from ..distributed import SINGLE, Dist
 from ..errors import ConfigError, NonFiniteError
 from ..experts import epochs_needed
 from ..models import build_model, default_depth, functional_forward
@@ -88,25 +89,40 @@ class MTTConfig:
 # -- the unroll ------------------------------------------------------------------------------------
 
 
-def augment_step(x: Tensor, seed: int | None) -> Tensor:
+def augment_step(x: Tensor, seed: int | None, rows: Tensor | None = None, full_batch: int | None = None) -> Tensor:
     """DSA of one student step: per-image parameters from a generator seeded with ``seed``.
 
     Per-image parameters match the original's inner loop; the seed makes the step reproducible, so
-    the checkpointed backward pass recomputes exactly the same augmentation.
+    the checkpointed backward pass recomputes exactly the same augmentation. ``rows``/``full_batch``:
+    ``x`` is a data-parallel shard of the step's minibatch, augmented as inside the full minibatch.
     """
     if seed is None:
         return x
     from ..augment import dsa
 
-    return dsa(x, generator=torch.Generator().manual_seed(int(seed)))
+    return dsa(x, generator=torch.Generator().manual_seed(int(seed)), rows=rows, full_batch=full_batch)
+
+
+Part = tuple[int, int]  # [start, stop) positions of a data-parallel rank's share of a step's minibatch
 
 
 def _step_grad(model: nn.Module, theta: Tensor, images: Tensor, labels: Tensor, batch: Batch,
-               create_graph: bool) -> Tensor:
-    """g_k = d CE(student(theta; aug(X[idx])), y[idx]) / d theta."""
+               create_graph: bool, part: Part | None = None) -> Tensor:
+    """g_k = d CE(student(theta; aug(X[idx])), y[idx]) / d theta.
+
+    With ``part``, only that share of the minibatch contributes, scaled by 1 / (full minibatch size):
+    the ranks' parts sum to the full g_k (cross-entropy is a mean over independent samples).
+    """
     idx, seed = batch
-    x = augment_step(images[idx], seed)
-    loss = F.cross_entropy(functional_forward(model, theta, x), labels[idx])
+    if part is None:
+        x = augment_step(images[idx], seed)
+        loss = F.cross_entropy(functional_forward(model, theta, x), labels[idx])
+    else:
+        start, stop = part
+        sub = idx[start:stop]
+        rows = torch.arange(start, stop)
+        x = augment_step(images[sub], seed, rows=rows, full_batch=idx.numel())
+        loss = F.cross_entropy(functional_forward(model, theta, x), labels[sub], reduction="sum") / idx.numel()
     return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
 
 
@@ -130,9 +146,17 @@ def unroll_full(model: nn.Module, start: Tensor, target: Tensor, images: Tensor,
 
 
 def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images: Tensor, labels: Tensor,
-                        syn_lr: Tensor, batches: list[Batch]) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact gradient with one step's graph alive at a time (see the module docstring)."""
+                        syn_lr: Tensor, batches: list[Batch], dist: Dist = SINGLE) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact gradient with one step's graph alive at a time (see the module docstring).
+
+    Data-parallel (``dist`` with N > 1 ranks): each rank computes g_k, and in the backward pass
+    (dg_k/dtheta)^T a and (dg_k/dX)^T a, on its share of step k's minibatch only. g_k and the
+    vector-Hessian product are summed over ranks every step (two all-reduces of P floats), so every
+    rank walks the same theta_k and adjoint a_k; the image and step-size gradients are summed once at
+    the end. The result equals the single-process one up to float rounding.
+    """
     n = len(batches)
+    parts: list[Part | None] = [dist.shard(b[0].numel()) if dist.enabled else None for b in batches]
     lr = syn_lr.detach()
     x = images.detach().requires_grad_(True)
     # theta_0 .. theta_{N-1} in ONE buffer: many long-lived per-step vectors interleaved with each
@@ -143,8 +167,9 @@ def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images:
         for k, batch in enumerate(batches):  # forward: store theta_k only
             theta = thetas[k].detach().requires_grad_(True)
             last = k == n - 1  # the last step keeps its graph: the backward pass starts with it
-            g = _step_grad(model, theta, x, labels, batch, create_graph=last)
-            theta_n = (theta.detach() - lr * g.detach())
+            g = _step_grad(model, theta, x, labels, batch, create_graph=last, part=parts[k])
+            g_sum = dist.all_reduce_(g.detach().clone(), "the unroll's gradient sum") if dist.enabled else g.detach()
+            theta_n = (theta.detach() - lr * g_sum)
             if not last:
                 thetas[k + 1] = theta_n
         theta_n.requires_grad_(True)
@@ -155,12 +180,15 @@ def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images:
         for k in range(n - 1, -1, -1):  # backward: one step at a time, newest first
             if k < n - 1:  # recompute step k with its graph
                 theta = thetas[k].detach().requires_grad_(True)
-                g = _step_grad(model, theta, x, labels, batches[k], create_graph=True)
+                g = _step_grad(model, theta, x, labels, batches[k], create_graph=True, part=parts[k])
             g_lr -= torch.dot(adj, g.detach())
             h_theta, h_x = torch.autograd.grad(g, [theta, x], grad_outputs=adj)
             g_img -= lr * h_x
-            adj = adj - lr * h_theta
+            adj = adj - lr * dist.all_reduce_(h_theta, "the unroll's adjoint sum")
             g = h_theta = h_x = None
+    if dist.enabled:  # the image and step-size gradients: one all-reduce for both
+        flat = dist.all_reduce_(torch.cat([g_img.reshape(-1), g_lr.reshape(1)]), "the image gradient sum")
+        g_img, g_lr = flat[:-1].view_as(g_img), flat[-1]
     return loss.detach(), g_img, g_lr.reshape(syn_lr.shape)
 
 
@@ -190,11 +218,13 @@ class MTT(DistillMethod):
         device: str | torch.device = "cpu",
         seed: int = 0,
         term: AuxTerm | None = None,
+        dist: Dist = SINGLE,
     ) -> None:
         cfg = config if isinstance(config, MTTConfig) else from_mapping(MTTConfig, config, what="mtt setting")
         cfg.validate()
-        super().__init__(dataset, ipc, init=init, device=device, seed=seed, term=term)
+        super().__init__(dataset, ipc, init=init, device=device, seed=seed, term=term, dist=dist)
         self.cfg = cfg
+        self._check_data_parallel()
         kwargs = cfg.model_kwargs(dataset)
         self.model = build_model(dataset.channels, dataset.num_classes, dataset.image_size, **kwargs)
         self.model = self.model.to(self.device).requires_grad_(False)  # weights come from the flat vectors
@@ -203,6 +233,19 @@ class MTT(DistillMethod):
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)
         self.opt_lr = torch.optim.SGD([self.syn_lr], lr=cfg.lr_lr, momentum=cfg.momentum)
         self._good = self._snapshot()
+
+    def _check_data_parallel(self) -> None:
+        """Data-parallel MTT shards each student step's minibatch: every rank needs at least one image."""
+        if not self.dist.enabled:
+            return
+        world = self.dist.world_size
+        if self.cfg.unroll != "checkpointed":
+            raise ConfigError(f"Data-parallel MTT ({world} processes) needs unroll = 'checkpointed', got "
+                              f"{self.cfg.unroll!r}.")
+        per_step = min(self.cfg.batch_syn or self.images.shape[0], self.images.shape[0])
+        if per_step < world:
+            raise ConfigError(f"Data-parallel MTT splits each student step's {per_step} synthetic images over "
+                              f"{world} processes; use at most {per_step} processes or a larger batch_syn.")
 
     def _check_experts(self, experts: list[Tensor], kwargs: dict[str, Any]) -> list[Tensor]:
         if not experts:
@@ -271,8 +314,11 @@ class MTT(DistillMethod):
         traj = self.experts[e]
         start = traj[t].to(self.device, self.images.dtype)
         target = traj[t + cfg.expert_epochs].to(self.device, self.images.dtype)
-        loss, g_img, g_lr = UNROLLS[cfg.unroll](self.model, start, target, self.images, self.labels,
-                                                self.syn_lr, self._plan())
+        unroll_args = (self.model, start, target, self.images, self.labels, self.syn_lr, self._plan())
+        if self.dist.enabled:
+            loss, g_img, g_lr = unroll_checkpointed(*unroll_args, dist=self.dist)
+        else:
+            loss, g_img, g_lr = UNROLLS[cfg.unroll](*unroll_args)
         logs: dict[str, float] = {}
         self.opt_img.zero_grad(set_to_none=True)
         self.opt_lr.zero_grad(set_to_none=True)
@@ -289,10 +335,16 @@ class MTT(DistillMethod):
         if not math.isfinite(float(loss)) or (term_loss is not None and not _finite(term_loss.detach())):
             raise self._diverged(self._good, "loss", blame_lr=not _finite(self.syn_lr.detach()))
         self._good = at_start  # these images gave a finite loss
-        self.images.grad = g_img
         self.syn_lr.grad = g_lr
-        if term_loss is not None:
+        if term_loss is None:
+            self.images.grad = g_img
+        elif not self.dist.enabled:
+            self.images.grad = g_img
             term_loss.backward()
+        else:  # each rank computed the same term: average its gradients, then add the summed unroll gradient
+            term_loss.backward()
+            self.average_term_grads(include_images=True)
+            self.images.grad = g_img if self.images.grad is None else self.images.grad + g_img
         if not (_finite(self.images.grad) and _finite(self.syn_lr.grad)):
             raise self._diverged(at_start, "gradient", blame_lr=not _finite(self.syn_lr.grad))
         self.opt_img.step()

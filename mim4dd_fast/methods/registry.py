@@ -12,6 +12,7 @@ import torch
 
 from ..config import from_mapping
 from ..data import Dataset
+from ..distributed import SINGLE, Dist
 from ..errors import ConfigError
 from ..models import build_model
 from .base import DistillMethod
@@ -53,6 +54,7 @@ def build_method(
     device: str | torch.device = "cpu",
     seed: int = 0,
     init: str = "real",
+    dist: Dist = SINGLE,
 ) -> DistillMethod:
     """Build method ``name`` on ``dataset``; ``config`` holds the base's settings, ``mim`` the term's."""
     canon = canonical_name(name)
@@ -74,9 +76,10 @@ def build_method(
     elif mim:
         raise ConfigError(f"MIM settings were given but method {canon!r} has no MIM term; use '{base}+mim'.")
     if base == "dc":
-        return DC(dataset, ipc, cfg, init=init, device=device, seed=seed, term=term)
+        return DC(dataset, ipc, cfg, init=init, device=device, seed=seed, term=term, dist=dist)
     if base == "dm":
-        return DM(dataset, ipc, cfg, init=init, device=device, seed=seed, term=term)
+        return DM(dataset, ipc, cfg, init=init, device=device, seed=seed, term=term, dist=dist)
     from .mtt import MTT
 
-    return MTT(dataset, ipc, config=cfg, experts=list(experts), device=device, seed=seed, init=init, term=term)
+    return MTT(dataset, ipc, config=cfg, experts=list(experts), device=device, seed=seed, init=init, term=term,
+               dist=dist)
