@@ -221,21 +221,27 @@ def _cmd_experts(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
     if not args.lr > 0 or args.lr != args.lr or args.lr == float("inf"):
         raise UserError(f"--lr must be a positive finite number, got {args.lr}.")
-    device = _device(args.device)
+    dist, device = _join(args, _device(args.device))  # under torchrun the ranks split the experts
     dataset = load_dataset(args.dataset, args.data_dir, image_size=args.image_size, zca=args.zca, seed=args.seed)
     from .models import default_depth
 
     model_kwargs = {"width": args.width, "depth": args.depth or default_depth(dataset.image_size)}
-    with Progress(console=console) as progress:
-        task = progress.add_task("experts", total=args.num_experts * args.epochs)
+    share = f" (rank 0 of {dist.world_size}, its own share)" if dist.enabled else ""
+    with Progress(console=console, disable=not dist.is_main) as progress:  # only rank 0 draws
+        task = progress.add_task(f"experts{share}", total=None if dist.enabled else args.num_experts * args.epochs)
 
         def report(k: int, epoch: int, epochs: int) -> None:
-            progress.update(task, completed=k * epochs + epoch, description=f"expert {k + 1}/{args.num_experts}")
+            if dist.enabled:  # rank 0 sees only the experts it trains itself
+                progress.update(task, description=f"expert {k + 1}/{args.num_experts}, epoch {epoch}/{epochs}{share}")
+            else:
+                progress.update(task, completed=k * epochs + epoch, description=f"expert {k + 1}/{args.num_experts}")
 
         paths = train_experts(dataset, args.out, num_experts=args.num_experts, epochs=args.epochs, seed=args.seed,
                               lr=args.lr, batch_size=args.batch_size, dsa=not args.no_dsa,
-                              model_kwargs=model_kwargs, device=device, progress=report)
-    Console().print(f"{len(paths)} expert trajectories ({args.epochs} epochs each) in {args.out}")
+                              model_kwargs=model_kwargs, device=device, progress=report, dist=dist)
+    if dist.is_main:
+        ranks = f" ({dist.world_size} ranks)" if dist.enabled else ""
+        Console().print(f"{len(paths)} expert trajectories ({args.epochs} epochs each) in {args.out}{ranks}")
     return 0
 
 
@@ -283,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--width", type=int, default=128)
     ex.add_argument("--depth", type=int, default=None)
     ex.add_argument("--no-dsa", action="store_true", help="train the experts without DSA")
-    ex.add_argument("--out", required=True, help="directory for the expert files and manifest")
+    ex.add_argument("--out", required=True, help="directory for the expert files and manifest (under torchrun on "
+                                                 "several nodes: one every node shares)")
+    _add_dist_args(ex)
     ex.set_defaults(func=_cmd_experts)
 
     sh = sub.add_parser("show", help="summarise a run directory")

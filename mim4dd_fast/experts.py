@@ -11,6 +11,15 @@ atomically) and ``manifest.json`` (settings, settings key, per-file sha256), rew
 after every expert. Expert k is trained from seed ``seed + k`` (initialisation, shuffling and
 augmentation), so an interrupted run resumes at the first missing expert and produces the same
 files as an uninterrupted one. Checksums are verified on load; a bad file is named in a DataError.
+
+Under torchrun (``dist``) the ranks split the experts still missing round-robin (on a fresh run rank
+r trains experts r, r + N, ...). A rank never touches the manifest: after each expert it writes the
+file and then ``pending/expert_<k>.json`` (file name, sha256, settings key), both atomically. Rank 0
+alone writes ``manifest.json``: at the start it adopts the valid pending records a crashed run left
+(a single-process run does the same), and at the end, after a barrier that waits for the slowest
+rank, it verifies every expert's checksum, writes the manifest and removes the adopted records; a
+second collective then lets every rank load all experts. Every rank must call ``train_experts`` /
+``ensure_experts`` (they are collective), and every rank gets all experts back.
 """
 
 from __future__ import annotations
@@ -139,6 +148,142 @@ def _train_one(dataset: Dataset, k: int, *, epochs: int, seed: int, lr: float, b
     return torch.stack(snapshots)
 
 
+PENDING = "pending"
+
+
+def _pending_record(out_dir: Path, name: str) -> Path:
+    return out_dir / PENDING / (Path(name).stem + ".json")
+
+
+def _adopt_pending(out_dir: Path, manifest: dict[str, Any], key: str) -> list[Path]:
+    """Move valid pending records (expert written, checksum recorded) into ``manifest``; returns them.
+
+    A record whose file is missing or no longer matches its checksum is dropped (the expert is
+    trained again); a record of other settings means the directory is someone else's: DataError.
+    """
+    pending = out_dir / PENDING
+    if not pending.is_dir():
+        return []
+    records = []
+    for rec_path in sorted(pending.glob("expert_*.json")):
+        try:
+            rec = json.loads(rec_path.read_text())
+            name, sha, rec_key = str(rec["file"]), str(rec["sha256"]), str(rec["settings_key"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            records.append(rec_path)  # cannot come from our atomic writes; not trusted, dropped
+            continue
+        if rec_key != key:
+            raise DataError(f"Directory {out_dir} holds experts trained with other settings (in {rec_path}); "
+                            "use another directory.")
+        records.append(rec_path)
+        if name in manifest["experts"] or name != rec_path.stem + ".safetensors":
+            continue
+        path = out_dir / name
+        if path.exists() and sha256_file(path) == sha:
+            manifest["experts"][name] = sha
+    return records
+
+
+def _remove_records(records: list[Path]) -> None:
+    for rec in records:
+        try:
+            rec.unlink()
+        except FileNotFoundError:
+            pass
+    if records:
+        try:
+            records[0].parent.rmdir()
+        except OSError:  # not empty (records of an unfinished expert) or already gone
+            pass
+
+
+def _agree(dist: Dist, what: str, step: Callable[[], Any]) -> Any:
+    """Run ``step`` on every rank; a DataError on any rank is raised on all of them; returns rank 0's result."""
+    if not dist.enabled:
+        return step()
+    try:
+        result, err = step(), None
+    except DataError as exc:
+        result, err = None, str(exc)
+    gathered = dist.all_gather_objects((err, result), what)
+    for r, (e, _) in enumerate(gathered):
+        if e is not None:
+            raise DataError(e if r == dist.rank else f"rank {r} reported: {e}")
+    return gathered[0][1]
+
+
+def _train_experts(dataset: Dataset, out_dir: str | Path, *, num_experts: int, epochs: int, seed: int, lr: float,
+                   batch_size: int, dsa: bool, model_kwargs: dict[str, Any] | None, device: str | torch.device,
+                   progress: Progress | None, dist: Dist) -> tuple[list[Path], dict[str, Any]]:
+    if num_experts < 1 or epochs < 1:
+        raise ConfigError(f"num_experts and epochs must be at least 1, got {num_experts} and {epochs}.")
+    if batch_size < 1 or not lr > 0:
+        raise ConfigError(f"Expert batch size must be >= 1 and lr > 0, got {batch_size} and {lr}.")
+    out_dir = Path(out_dir)
+    model_kwargs = dict(model_kwargs or {})
+    settings = expert_settings(dataset, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, dsa=dsa,
+                               model_kwargs=model_kwargs)
+    key = settings_key(settings)
+    names = [expert_file(k) for k in range(num_experts)]
+
+    def start() -> dict[str, Any] | None:
+        check_writable_dir(out_dir)  # on every rank: each one writes its own experts
+        if not dist.is_main:
+            return None
+        manifest = _read_manifest(out_dir)
+        if manifest is None:
+            manifest = {"format": FORMAT_VERSION, **settings, "settings_key": key, "experts": {}}
+        elif manifest["settings_key"] != key:
+            raise DataError(f"Directory {out_dir} holds experts trained with other settings; use another directory.")
+        before = dict(manifest["experts"])
+        adopted = _adopt_pending(out_dir, manifest, key)
+        for name in names:
+            if name in manifest["experts"]:
+                _verify(out_dir, name, manifest["experts"][name])
+        if manifest["experts"] != before:
+            manifest["num_experts"] = len(manifest["experts"])
+            atomic_write_json(out_dir / MANIFEST, manifest)
+        _remove_records(adopted)
+        return manifest
+
+    manifest = _agree(dist, "checking the expert directory", start)
+    todo = [k for k, name in enumerate(names) if name not in manifest["experts"]]
+    device = torch.device(device)
+    for k in dist.owned(todo):  # the missing experts, round-robin: balanced on resume too
+        traj = _train_one(dataset, k, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, dsa=dsa,
+                          model_kwargs=model_kwargs, device=device, progress=progress)
+        # no safetensors metadata: its key order is not stable, and identical experts must be identical files
+        sha = save_tensors(out_dir / names[k], {"trajectory": traj})
+        if dist.enabled:  # rank 0 adopts it into the manifest after the barrier (or a resumed run does)
+            atomic_write_json(_pending_record(out_dir, names[k]),
+                              {"file": names[k], "sha256": sha, "settings_key": key})
+        else:
+            manifest["experts"][names[k]] = sha
+            manifest["num_experts"] = len(manifest["experts"])
+            atomic_write_json(out_dir / MANIFEST, manifest)
+        if progress is not None:
+            progress(k, epochs, epochs)
+
+    if dist.enabled:
+        dist.barrier("waiting for the other ranks to finish their experts")
+
+        def finish() -> dict[str, Any] | None:
+            if not dist.is_main:
+                return None
+            adopted = _adopt_pending(out_dir, manifest, key)  # checks each new file against its record
+            missing = [name for name in names if name not in manifest["experts"]]
+            if missing:
+                raise DataError(f"Experts {', '.join(missing)} are missing or corrupted in {out_dir} after every "
+                                "rank finished; the directory must be one that all nodes share.")
+            manifest["num_experts"] = len(manifest["experts"])
+            atomic_write_json(out_dir / MANIFEST, manifest)
+            _remove_records(adopted)
+            return manifest
+
+        manifest = _agree(dist, "writing the expert manifest", finish)
+    return [out_dir / name for name in names], manifest
+
+
 def train_experts(
     dataset: Dataset,
     out_dir: str | Path,
@@ -156,40 +301,14 @@ def train_experts(
 ) -> list[Path]:
     """Train (or finish training) ``num_experts`` experts into ``out_dir``; returns their files in order.
 
-    Experts already listed in the manifest are verified, not retrained. A directory holding experts
-    of other settings is refused rather than mixed.
+    Experts already listed in the manifest (or in valid pending records) are verified, not retrained.
+    A directory holding experts of other settings is refused rather than mixed. Collective under
+    torchrun: every rank calls it, trains its share, and gets all the files back.
+    ``progress`` is called for this rank's experts only.
     """
-    if num_experts < 1 or epochs < 1:
-        raise ConfigError(f"num_experts and epochs must be at least 1, got {num_experts} and {epochs}.")
-    if batch_size < 1 or not lr > 0:
-        raise ConfigError(f"Expert batch size must be >= 1 and lr > 0, got {batch_size} and {lr}.")
-    out_dir = check_writable_dir(out_dir)
-    model_kwargs = dict(model_kwargs or {})
-    settings = expert_settings(dataset, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, dsa=dsa,
-                               model_kwargs=model_kwargs)
-    key = settings_key(settings)
-    manifest = _read_manifest(out_dir)
-    if manifest is None:
-        manifest = {"format": FORMAT_VERSION, **settings, "settings_key": key, "experts": {}}
-    elif manifest["settings_key"] != key:
-        raise DataError(f"Directory {out_dir} holds experts trained with other settings; use another directory.")
-    device = torch.device(device)
-    paths = []
-    for k in range(num_experts):
-        name = expert_file(k)
-        if name in manifest["experts"]:
-            paths.append(_verify(out_dir, name, manifest["experts"][name]))
-            continue
-        traj = _train_one(dataset, k, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, dsa=dsa,
-                          model_kwargs=model_kwargs, device=device, progress=progress)
-        # no safetensors metadata: its key order is not stable, and identical experts must be identical files
-        sha = save_tensors(out_dir / name, {"trajectory": traj})
-        manifest["experts"][name] = sha
-        manifest["num_experts"] = len(manifest["experts"])
-        atomic_write_json(out_dir / MANIFEST, manifest)
-        paths.append(out_dir / name)
-        if progress is not None:
-            progress(k, epochs, epochs)
+    paths, _ = _train_experts(dataset, out_dir, num_experts=num_experts, epochs=epochs, seed=seed, lr=lr,
+                              batch_size=batch_size, dsa=dsa, model_kwargs=model_kwargs, device=device,
+                              progress=progress, dist=dist)
     return paths
 
 
@@ -241,13 +360,12 @@ def ensure_experts(
 
     The key hashes dataset name and sizes, model kwargs, epochs, seed, lr, batch size and DSA, so any
     caller asking for the same settings reuses the same files; asking for more experts extends them.
+    Collective under torchrun (see ``train_experts``); every rank returns all trajectories.
     """
     settings = expert_settings(dataset, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, dsa=dsa,
                                model_kwargs=model_kwargs)
     out_dir = Path(cache_root) / f"{dataset.name}-{settings_key(settings)}"
-    paths = train_experts(dataset, out_dir, num_experts=num_experts, epochs=epochs, seed=seed, lr=lr,
-                          batch_size=batch_size, dsa=dsa, model_kwargs=model_kwargs, device=device,
-                          progress=progress, dist=dist)
-    manifest = _read_manifest(out_dir)
-    assert manifest is not None
+    paths, manifest = _train_experts(dataset, out_dir, num_experts=num_experts, epochs=epochs, seed=seed, lr=lr,
+                                     batch_size=batch_size, dsa=dsa, model_kwargs=model_kwargs, device=device,
+                                     progress=progress, dist=dist)
     return [load_tensors(p, expected_sha256=manifest["experts"][p.name])["trajectory"] for p in paths]
