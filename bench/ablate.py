@@ -3,11 +3,19 @@
 Without --grid it runs the default one-at-a-time sweep (tau, beta, head, critic, lambda around the
 defaults) on the embedded digits; several --grid flags form a product grid (two give a heatmap).
 Finished cells are cached under OUT/cells: rerun the same command to resume an interrupted sweep.
+
+Scale-out: `torchrun --standalone --nproc-per-node N bench/ablate.py ...` splits the pending cells
+round-robin over N processes (MTT experts are built first, collectively); rank 0 gathers the results,
+prints and writes the report. OUT must be on a filesystem all ranks share. A rerun, under any number of
+processes, skips the cells already cached. A rank that finishes its cells early waits for the others
+at most --dist-timeout seconds: set it above the time of the slowest rank's last cell. --workers > 1
+cannot be combined with torchrun (exit 2): use --nproc-per-node for parallel cells instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -15,6 +23,7 @@ from pathlib import Path
 from rich.console import Console
 
 from mim4dd_fast.ablation import DEFAULT_SWEEP, make_cells, parse_grid_args, parse_grid_file, run_sweep, write_report
+from mim4dd_fast.distributed import DistributedError, init_from_env, launched_distributed, shutdown
 from mim4dd_fast.errors import UserError
 
 console = Console(stderr=True)
@@ -40,9 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evals", type=int, default=3, help="evaluation nets per cell")
     p.add_argument("--eval-epochs", type=int, default=None)
     p.add_argument("--preset", default=None)
-    p.add_argument("--workers", type=int, default=1, help="cells run in parallel processes")
+    p.add_argument("--workers", type=int, default=1,
+                   help="cells run in parallel processes (single-process launch only; under torchrun use "
+                        "--nproc-per-node instead, --workers > 1 is refused)")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="under torchrun: seconds a rank waits for the others before it stops with an error "
+                        "(default $MIM4DD_DIST_TIMEOUT or 1800)")
     p.add_argument("--out", default="runs/ablation", help="output directory (cache, report, plots)")
     return p
+
+
+def _rank_prefix() -> str:
+    return f"[rank {os.environ.get('RANK', '?')}] " if launched_distributed() else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,43 +70,64 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
-        from mim4dd_fast.presets import default_preset
-        from mim4dd_fast.settings import build_settings, merge_layers, preset_layer
-
-        if args.workers < 1 or args.evals < 1 or args.ipc < 1:
-            raise UserError("--workers, --evals and --ipc must each be at least 1.")
-        try:
-            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"--seeds must be a comma list of integers, got {args.seeds!r}.") from None
-        if not seeds:
-            raise UserError("--seeds must name at least one seed.")
-        if "+mim" not in args.method and args.method != "mim4dd":
-            raise UserError(f"Ablations sweep the MIM term; use a +mim method, not {args.method!r}.")
-        if args.grid_file:
-            grid, one = parse_grid_file(args.grid_file), args.one_at_a_time
-        elif args.grid:
-            grid, one = parse_grid_args(args.grid), args.one_at_a_time
-        else:
-            grid, one = parse_grid_args([f"{k}={','.join(v)}" for k, v in DEFAULT_SWEEP.items()]), True
-        preset = args.preset or default_preset(args.method, args.dataset, args.ipc)
-        base = merge_layers(preset_layer(preset) if preset else {}, {
-            "method": args.method, "dataset": args.dataset, "data_dir": args.data_dir or "", "ipc": args.ipc,
-            "evals": args.evals, **({"iterations": args.iterations} if args.iterations else {}),
-            **({"eval": {"epochs": args.eval_epochs}} if args.eval_epochs else {})})
-        build_settings(base)  # validate before any work
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        cells = make_cells(grid, seeds, one_at_a_time=one)
-        console.print(f"{len(cells)} cells ({'one at a time' if one else 'product'} over {', '.join(grid)}; "
-                      f"seeds {seeds}) -> {out}")
-        results = run_sweep(cells, base, out, workers=args.workers, console=console)
-        command = "python bench/ablate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        report = write_report(results, grid, out, title=f"MIM4DD ablation: {args.method} on {args.dataset}, "
-                              f"IPC {args.ipc}", command=command.strip(), one_at_a_time=one)
+        return _run(args, argv)
     except UserError as exc:
-        console.print(f"error: {exc}")
+        console.print(f"{_rank_prefix()}error: {exc}", markup=False)
         return 2
+    except DistributedError as exc:
+        console.print(f"{_rank_prefix()}error: {exc}", markup=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print(f"{_rank_prefix()}interrupted; rerun the same command to resume from the cached cells.",
+                      markup=False)
+        return 130
+    finally:
+        shutdown()
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from mim4dd_fast.presets import default_preset
+    from mim4dd_fast.settings import build_settings, merge_layers, preset_layer
+
+    if args.workers < 1 or args.evals < 1 or args.ipc < 1:
+        raise UserError("--workers, --evals and --ipc must each be at least 1.")
+    if args.workers > 1 and launched_distributed():
+        raise UserError("--workers > 1 cannot be combined with torchrun; use --nproc-per-node for parallel cells.")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be a comma list of integers, got {args.seeds!r}.") from None
+    if not seeds:
+        raise UserError("--seeds must name at least one seed.")
+    if "+mim" not in args.method and args.method != "mim4dd":
+        raise UserError(f"Ablations sweep the MIM term; use a +mim method, not {args.method!r}.")
+    if args.grid_file:
+        grid, one = parse_grid_file(args.grid_file), args.one_at_a_time
+    elif args.grid:
+        grid, one = parse_grid_args(args.grid), args.one_at_a_time
+    else:
+        grid, one = parse_grid_args([f"{k}={','.join(v)}" for k, v in DEFAULT_SWEEP.items()]), True
+    preset = args.preset or default_preset(args.method, args.dataset, args.ipc)
+    base = merge_layers(preset_layer(preset) if preset else {}, {
+        "method": args.method, "dataset": args.dataset, "data_dir": args.data_dir or "", "ipc": args.ipc,
+        "evals": args.evals, **({"iterations": args.iterations} if args.iterations else {}),
+        **({"eval": {"epochs": args.eval_epochs}} if args.eval_epochs else {})})
+    build_settings(base)  # validate before any work (every rank sees the same flags, so all fail alike)
+    dist = init_from_env(args.dist_timeout, "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = make_cells(grid, seeds, one_at_a_time=one)
+    if dist.is_main:
+        ranks = f"; {dist.world_size} ranks" if dist.enabled else ""
+        console.print(f"{len(cells)} cells ({'one at a time' if one else 'product'} over {', '.join(grid)}; "
+                      f"seeds {seeds}{ranks}) -> {out}")
+    results = run_sweep(cells, base, out, workers=args.workers, console=console, dist=dist)
+    if results is None:  # not rank 0: its cells are cached and were gathered by rank 0
+        return 0
+    launcher = f"torchrun --nproc-per-node {dist.world_size} " if dist.enabled else "python "
+    command = launcher + "bench/ablate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    report = write_report(results, grid, out, title=f"MIM4DD ablation: {args.method} on {args.dataset}, "
+                          f"IPC {args.ipc}", command=command.strip(), one_at_a_time=one)
     Console().print(f"report: {report}")
     return 0
 

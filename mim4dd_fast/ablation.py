@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .distributed import SINGLE, Dist, DistributedError
 from .errors import ConfigError
 
 try:
@@ -205,10 +206,19 @@ def run_cell(cell: Cell, base: dict[str, Any], experts_dir: str | None, threads:
             "distill_seconds": distill_seconds}
 
 
-def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: int = 1, console=None) -> list[dict]:
-    """Run every cell not already cached in ``out/cells``; rich progress over cells; returns all results."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
+def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: int = 1, console=None,
+              dist: Dist = SINGLE) -> list[dict] | None:
+    """Run every cell not already cached in ``out/cells``; returns all results in cell order.
+
+    Under torchrun (``dist`` enabled) this is a collective call: rank 0 decides which cells are pending
+    and broadcasts the list, the pending cells are split round-robin over the ranks (``dist.owned``),
+    MTT experts are built collectively first, each rank runs and caches its own cells (atomic JSON,
+    recording ``"rank"``), and the results are gathered to rank 0, which also caches any it does not
+    see on its filesystem. Rank 0 returns the full list (cached and new cells, in cell order) and draws
+    the only progress bar; the other ranks return None. When a cell fails on some rank, that rank
+    re-raises its own error and rank 0 raises a DistributedError naming the rank and the cell.
+    """
+    from contextlib import nullcontext
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -218,30 +228,73 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
 
     cache = out / "cells"
     cache.mkdir(parents=True, exist_ok=True)
-    pending = [c for c in cells if not (cache / f"{cell_key(c, base)}.json").exists()]
-    if pending and str(base.get("method", "")).split("+")[0] in ("mtt", "mim4dd"):
-        for seed in sorted({c.seed for c in pending}):  # build experts once, before workers race for them
+    keys = [cell_key(c, base) for c in cells]
+    # rank 0's view of the cache decides, so every rank splits the same list even if a fast rank
+    # has already written a cell by the time a slow one looks
+    pending_idx = [i for i, k in enumerate(keys) if not (cache / f"{k}.json").exists()] if dist.is_main else None
+    pending_idx = dist.broadcast_object(pending_idx, "agreeing on the pending sweep cells")
+    if pending_idx and str(base.get("method", "")).split("+")[0] in ("mtt", "mim4dd"):
+        for seed in sorted({cells[i].seed for i in pending_idx}):  # once, before cells race for them (collective)
             settings = build_settings(merge_layers(base, {"seed": seed}))
-            _experts_for(settings, load_run_dataset(settings.run), out, "cpu")
+            _experts_for(settings, load_run_dataset(settings.run), out, "cpu", dist=dist)
+        dist.barrier("waiting for the MTT experts")
+    mine = dist.owned(pending_idx)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("ablation cells", total=len(cells), completed=len(cells) - len(pending))
+    progress = Progress(*columns, console=console) if dist.is_main else None
+    done: dict[int, dict] = {}
+    failure: tuple[int, str] | None = None  # (cell index or -1, message) when this rank's cells failed
+    error: Exception | None = None
+    with progress if progress is not None else nullcontext():
+        task = progress.add_task("ablation cells", total=len(cells), completed=len(cells) - len(pending_idx)) \
+            if progress is not None else None
 
-        def store(cell: Cell, result: dict) -> None:
-            atomic_write_json(cache / f"{cell_key(cell, base)}.json", result)
-            progress.update(task, advance=1, description=f"done: {cell.label()} seed {cell.seed}")
+        def store(i: int, result: dict) -> None:
+            result = {**result, "rank": dist.rank}  # which rank ran it (0 in a single-process sweep)
+            atomic_write_json(cache / f"{keys[i]}.json", result)
+            done[i] = result
+            if progress is not None:
+                progress.update(task, advance=1, description=f"done: {cells[i].label()} seed {cells[i].seed}")
 
-        if workers <= 1:
-            for cell in pending:
-                store(cell, run_cell(cell, base, str(out)))
-        else:
-            threads = 1
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(run_cell, c, base, str(out), threads): c for c in pending}
-                for future in as_completed(futures):
-                    store(futures[future], future.result())
-    return [json.loads((cache / f"{cell_key(c, base)}.json").read_text()) for c in cells]
+        current = None
+        try:
+            if workers <= 1:
+                for i in mine:
+                    current = i
+                    store(i, run_cell(cells[i], base, str(out)))
+            else:
+                from concurrent.futures import ProcessPoolExecutor, as_completed
+                from multiprocessing import get_context
+
+                with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+                    futures = {pool.submit(run_cell, cells[i], base, str(out), 1): i for i in mine}
+                    for future in as_completed(futures):
+                        current = futures[future]
+                        store(current, future.result())
+        except Exception as exc:
+            if not dist.enabled:
+                raise
+            failure = (current if current is not None else -1, f"{type(exc).__name__}: {exc}")
+            error = exc
+        payload = {"rank": dist.rank, "results": done, "failure": failure}
+        gathered = dist.gather_objects(payload, "gathering the sweep results")
+        if error is not None:
+            raise error
+        if gathered is None:
+            return None
+        for part in gathered:
+            if part["failure"] is not None:
+                i, message = part["failure"]
+                where = f" on cell {cells[i].label()} seed {cells[i].seed}" if i >= 0 else ""
+                raise DistributedError(f"rank {part['rank']} failed{where} ({message}); the cells finished "
+                                       f"before it are cached, so rerunning the same command resumes the sweep.")
+            for i, result in part["results"].items():
+                path = cache / f"{keys[i]}.json"
+                if not path.exists():  # ranks on another filesystem: keep their cells for resuming here
+                    atomic_write_json(path, result)
+        if progress is not None:
+            progress.update(task, completed=len(cells), description="ablation cells")
+    return [json.loads((cache / f"{k}.json").read_text()) for k in keys]
 
 
 def summarise(results: list[dict]) -> list[dict]:

@@ -10,6 +10,7 @@ import pytest
 
 from mim4dd_fast import ablation
 from mim4dd_fast.ablation import Cell, cell_key, make_cells, parse_grid_args, parse_grid_file, setting_for
+from mim4dd_fast.distributed import Dist, DistributedError
 from mim4dd_fast.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,3 +140,61 @@ def test_real_two_cell_sweep_tiny_budget(tmp_path):
         assert 0.0 <= result["accuracy_mean"] <= 1.0
         assert result["mi_lb"] and all(v == v for v in result["mi_lb"].values())
     assert "tau=0.5" in (out / "report.md").read_text()
+
+
+class _FakeRanks(Dist):
+    """A Dist of two ranks whose collectives are scripted: rank 0's pending list and gather are given."""
+
+    def broadcast_object(self, obj, what=""):
+        return obj if self.is_main else self.__dict__["_pending"]
+
+    def barrier(self, what=""):
+        pass
+
+    def gather_objects(self, obj, what=""):
+        self.__dict__["_sent"] = obj
+        return [obj, *self.__dict__["_others"]] if self.is_main else None
+
+
+def _fake_ranks(rank: int, pending=None, others=()) -> _FakeRanks:
+    d = _FakeRanks(rank=rank, world_size=2, backend="gloo")
+    d.__dict__.update(_pending=pending, _others=list(others))
+    return d
+
+
+def test_sweep_as_rank1_runs_its_round_robin_share_and_returns_none(tmp_path, monkeypatch):
+    base = {"method": "dm+mim", "iterations": 1}
+    cells = make_cells({"tau": ["0.1", "0.5"]}, [0, 1])
+    calls = []
+    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1: (calls.append(c), _fake_result(c, 0.4))[1])
+    # rank 0 saw cells 0, 1 and 3 pending; rank 1 looks later (cell 1 already cached) but splits rank 0's list
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "cells" / f"{cell_key(cells[1], base)}.json").write_text("{}")
+    dist = _fake_ranks(1, pending=[0, 1, 3])
+    assert ablation.run_sweep(cells, base, tmp_path, dist=dist) is None
+    assert calls == [cells[1]]  # share of rank 1 of 2 in [0, 1, 3]
+    sent = dist.__dict__["_sent"]
+    assert sent["rank"] == 1 and sent["failure"] is None and list(sent["results"]) == [1]
+    assert json.loads((tmp_path / "cells" / f"{cell_key(cells[1], base)}.json").read_text())["rank"] == 1
+
+
+def test_sweep_as_rank0_merges_gathered_cells_in_order(tmp_path, monkeypatch):
+    base = {"method": "dm+mim", "iterations": 1}
+    cells = make_cells({"tau": ["0.1", "0.5"]}, [0])
+    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1: _fake_result(c, 0.3))
+    # rank 1 ran cell 1 on a filesystem rank 0 does not see: rank 0 caches what it gathered
+    other = {"rank": 1, "results": {1: {**_fake_result(cells[1], 0.9), "rank": 1}}, "failure": None}
+    results = ablation.run_sweep(cells, base, tmp_path, dist=_fake_ranks(0, others=[other]))
+    assert [(r["accuracy_mean"], r["rank"]) for r in results] == [(0.3, 0), (0.9, 1)]
+    assert json.loads((tmp_path / "cells" / f"{cell_key(cells[1], base)}.json").read_text())["rank"] == 1
+
+
+def test_sweep_as_rank0_names_a_cell_that_failed_on_another_rank(tmp_path, monkeypatch):
+    base = {"method": "dm+mim", "iterations": 1}
+    cells = make_cells({"tau": ["0.1", "0.5"]}, [0])
+    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1: _fake_result(c, 0.3))
+    other = {"rank": 1, "results": {}, "failure": (1, "NonFiniteError: loss is NaN.")}
+    with pytest.raises(DistributedError, match=r"rank 1 failed on cell tau=0.5 seed 0 \(NonFiniteError: loss is "
+                                               r"NaN\.\); the cells finished before it are cached"):
+        ablation.run_sweep(cells, base, tmp_path, dist=_fake_ranks(0, others=[other]))
+    assert (tmp_path / "cells" / f"{cell_key(cells[0], base)}.json").exists()  # rank 0's own cell is kept
