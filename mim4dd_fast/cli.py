@@ -130,12 +130,16 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             settings.run.device = args.device
     else:
         settings = _settings_from_args(args)
+    dist, _ = _join(args, _device(settings.run.device))
     try:
-        result = distill(settings, args.out, resume=args.resume, console=console)
+        result = distill(settings, args.out, resume=args.resume, console=console, dist=dist)
     except Interrupted as exc:
-        console.print(f"stopped by {exc}; the last checkpoint is saved: continue with "
-                      f"`mim4dd-fast distill --out {args.out} --resume`.")
+        if dist.is_main:
+            console.print(f"stopped by {exc}; the last checkpoint is saved: continue with "
+                          f"`mim4dd-fast distill --out {args.out} --resume`.")
         return 128 + exc.signum
+    if not dist.is_main:
+        return 0
     Console().print(f"{settings.run.method} on {settings.run.dataset}, IPC {settings.run.ipc}: accuracy "
                     f"{100 * result['mean']:.2f}% ± {100 * result['std']:.2f}% over {len(result['accuracies'])} nets; "
                     f"run saved in {args.out} (picture: {args.out}/synthetic.png)")
@@ -278,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--seed", type=int, default=None)
     di.add_argument("--device", default=None)
     di.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _add_dist_args(di)
     di.set_defaults(func=_cmd_distill)
 
     ex = sub.add_parser("experts", help="train MTT expert trajectories (resumable, checksummed)")
@@ -314,13 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        console.print(f"{_rank_prefix()}error: {exc}")
+        console.print(f"{_rank_prefix()}error: {exc}", markup=False)
         return 2
     except DistributedError as exc:
-        console.print(f"{_rank_prefix()}error: {exc}")
+        console.print(f"{_rank_prefix()}error: {exc}", markup=False)
         return 1
     except KeyboardInterrupt:
-        console.print(f"{_rank_prefix()}interrupted.")
+        console.print(f"{_rank_prefix()}interrupted.", markup=False)
         return 130
     finally:
         shutdown()
