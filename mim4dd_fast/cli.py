@@ -53,6 +53,10 @@ def _join(args: argparse.Namespace, device: str):
     from .distributed import init_from_env, rank_device
 
     dist = init_from_env(getattr(args, "dist_timeout", None), device)
+    if not dist.is_main:  # every rank reads the same data: rank 0 alone reports warnings about it
+        import warnings
+
+        warnings.simplefilter("ignore")
     return dist, rank_device(device, dist)
 
 
