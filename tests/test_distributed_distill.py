@@ -133,3 +133,40 @@ def test_torchrun_distill_writes_once_matches_one_process_and_resumes_with_same_
                         timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [m["iteration"] for m in _run_files(run2)["metrics"]] == [1, 2, 3]
+
+
+def test_sigterm_to_torchrun_checkpoints_every_rank_at_the_same_iteration_and_resumes(tmp_path):
+    """torchrun forwards SIGTERM to the ranks; they agree on the iteration, rank 0 checkpoints it, all exit."""
+    import signal
+    import subprocess
+    import time
+
+    from dist_helpers import child_env
+
+    config = tmp_path / "long.toml"
+    config.write_text(TINY_MIM4DD.replace("iterations = 2", "iterations = 100000").replace(
+        "checkpoint_every = 1", "checkpoint_every = 100000"))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mim4dd_fast",
+           "distill", "--config", str(config), "--out", str(run), "--device", "cpu", "--dist-timeout", "60"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            metrics = run / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM; the last checkpoint is saved" in " ".join(err.split())
+    done = [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    saved = sorted(int(p.stem.split("-")[1]) for p in (run / "checkpoints").glob("ckpt-*.json"))
+    assert saved[-1] == done[-1] >= 3  # the stop iteration itself was checkpointed, not the periodic one
+    resumed = run_torchrun(["distill", "--out", run, "--resume", "--iterations", done[-1] + 1, "--dist-timeout", 60],
+                           timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from iteration {done[-1]}" in resumed.stderr
