@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .augment import dsa as dsa_augment
 from .config import require
 from .data import Dataset
+from .distributed import SINGLE, Dist
 from .errors import DataError
 from .models import build_model
 
@@ -184,21 +185,25 @@ def evaluate_synthetic(
     device: str | torch.device = "cpu",
     lr: float | None = None,
     progress: Callable[[int, float], None] | None = None,
+    dist: Dist = SINGLE,
 ) -> dict:
     """Train ``cfg.n_nets`` fresh nets (seeds seed, seed+1, ...) on the set; mean/std/list of accuracies.
 
-    ``progress(i, acc)`` is called after net ``i`` (0-based) with its accuracy.
+    ``progress(i, acc)`` is called after net ``i`` (0-based) with its accuracy. Under torchrun (a
+    collective call) rank r trains nets r, r + N, ...; net i depends only on its seed, so the gathered
+    list is the one-process list.
     """
     cfg = cfg or EvalConfig()
     cfg.validate()
     _check_train_set(x_syn, y_syn, dataset)
-    accs = []
-    for i in range(cfg.n_nets):
+    mine = []
+    for i in dist.owned(range(cfg.n_nets)):
         acc = train_and_test(x_syn, y_syn, dataset, cfg, seed=seed + i, device=device, lr=lr)
-        accs.append(acc)
+        mine.append((i, acc))
         if progress is not None:
             progress(i, acc)
-    return _summary(accs)
+    gathered = dist.all_gather_objects(mine, "gathering the evaluation accuracies")
+    return _summary([acc for _, acc in sorted(pair for part in gathered for pair in part)])
 
 
 def random_subset(dataset: Dataset, ipc: int, seed: int) -> tuple[Tensor, Tensor]:

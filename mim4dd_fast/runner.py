@@ -193,14 +193,15 @@ def _finite_logs(logs: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
 
 
-def evaluate_method(method, dataset, settings: Settings, device: str, n_nets: int | None = None) -> dict[str, Any]:
+def evaluate_method(method, dataset, settings: Settings, device: str, n_nets: int | None = None,
+                    dist: Dist = SINGLE) -> dict[str, Any]:
     from .config import from_mapping
     from .evaluate import EvalConfig, evaluate_synthetic
 
     cfg = from_mapping(EvalConfig, {**settings.eval, **({"n_nets": n_nets} if n_nets else {})})
     x, y = method.synthetic_set()
     lr = method.learned_lr() if hasattr(method, "learned_lr") else None
-    return evaluate_synthetic(x, y, dataset, cfg, seed=settings.run.seed, device=device, lr=lr)
+    return evaluate_synthetic(x, y, dataset, cfg, seed=settings.run.seed, device=device, lr=lr, dist=dist)
 
 
 def _check_finite(method, logs: dict[str, Any], settings: Settings) -> None:
@@ -310,23 +311,27 @@ def distill(settings: Settings, out: str | Path, *, resume: bool = False, consol
             if stopping:
                 raise Interrupted(stop.get("signum", signal.SIGTERM))
 
-    if not dist.is_main:
-        return {}
     return finish_run(method, dataset, settings, out, device, console, dist)
 
 
 def finish_run(method, dataset, settings: Settings, out: Path, device: str, console,
                dist: Dist = SINGLE) -> dict[str, Any]:
-    """Write the synthetic set, its picture, the evaluation and (last) the manifest."""
-    x, y = method.synthetic_set()
-    tensors = {"images": x, "labels": y}
-    if hasattr(method, "learned_lr"):
-        tensors["syn_lr"] = torch.tensor([float(method.learned_lr())])
-    save_tensors(out / "synthetic.safetensors", tensors, metadata={"method": settings.run.method,
-                                                                  "dataset": settings.run.dataset})
-    save_grid(x, y, dataset, out / "synthetic.png")
-    console.print(f"evaluating the distilled set on {settings.run.evals} fresh nets ...")
-    result = evaluate_method(method, dataset, settings, device, n_nets=settings.run.evals)
+    """Write the synthetic set, its picture, the evaluation and (last) the manifest.
+
+    Under torchrun every rank evaluates its share of the nets; rank 0 alone writes (others return {}).
+    """
+    if dist.is_main:
+        x, y = method.synthetic_set()
+        tensors = {"images": x, "labels": y}
+        if hasattr(method, "learned_lr"):
+            tensors["syn_lr"] = torch.tensor([float(method.learned_lr())])
+        save_tensors(out / "synthetic.safetensors", tensors, metadata={"method": settings.run.method,
+                                                                      "dataset": settings.run.dataset})
+        save_grid(x, y, dataset, out / "synthetic.png")
+        console.print(f"evaluating the distilled set on {settings.run.evals} fresh nets ...")
+    result = evaluate_method(method, dataset, settings, device, n_nets=settings.run.evals, dist=dist)
+    if not dist.is_main:
+        return {}
     atomic_write_json(out / "eval.json", {"method": settings.run.method, "dataset": settings.run.dataset,
                                           "ipc": settings.run.ipc, **result})
     write_manifest(out, settings, {"method": settings.run.method, "iterations": settings.run.iterations,

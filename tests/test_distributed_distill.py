@@ -30,7 +30,7 @@ dataset = "digits"
 ipc = 1
 iterations = 2
 checkpoint_every = 1
-evals = 1
+evals = 2
 num_experts = 2
 expert_epochs = 2
 [method_config]
@@ -117,6 +117,9 @@ def test_torchrun_distill_writes_once_matches_one_process_and_resumes_with_same_
     assert one["manifest"]["distributed"]["world_size"] == 1
     assert torch.allclose(two["images"], one["images"], rtol=1e-5, atol=1e-5)
     assert [m["loss"] for m in two["metrics"]] == pytest.approx([m["loss"] for m in one["metrics"]], rel=1e-5)
+    # the final evaluation's nets were split over the ranks: net i is seeded i either way
+    acc_two, acc_one = (json.loads((r / "eval.json").read_text())["accuracies"] for r in (run2, run1))
+    assert len(acc_two) == 2 and acc_two == pytest.approx(acc_one, abs=0.01)
 
     # a run checkpointed by 2 processes is not resumed by 1 (nor the other way round)
     code = main(["distill", "--out", str(run2), "--resume", "--iterations", "3"])
