@@ -129,12 +129,6 @@ def test_pending_records_of_other_settings_are_refused(crashed, tmp_path):
     assert sorted(p.name for p in (out / PENDING).iterdir()) == ["expert_0000.json", "expert_0001.json"]
 
 
-# cli.main prints errors with rich markup on: gloo's "[/path/gloo/.../pair.cc:553]" in the message is read as a
-# closing tag (MarkupError traceback), and the "[rank 0] " prefix itself is swallowed as a tag. Fix in main():
-# console.print(..., markup=False) (or rich.markup.escape). Remove this marker then (strict: an XPASS fails).
-MARKUP_BUG = pytest.mark.xfail(strict=True, reason="cli.main prints DistributedError with rich markup on")
-
-
 def _stop_rank1_mid_run(tmp_path: Path, sig: signal.Signals, timeout: int) -> tuple[int, str, float, Path]:
     """Two ranks started directly (no torchrun); ``sig`` to rank 1 once both train; rank 0's (rc, stderr, wait)."""
     out = tmp_path / "experts"
@@ -164,7 +158,6 @@ def _one_sentence(err: str, timeout: int) -> None:
                                f"failed because another rank stopped or did not answer within {timeout} s"), err
 
 
-@MARKUP_BUG
 def test_a_killed_rank_stops_the_other_with_one_sentence(tmp_path):
     """SIGKILL rank 1 mid-run: rank 0 finishes its share, then exits 1 with one sentence, never hangs."""
     rc, err, waited, out = _stop_rank1_mid_run(tmp_path, signal.SIGKILL, timeout=15)
@@ -174,7 +167,6 @@ def test_a_killed_rank_stops_the_other_with_one_sentence(tmp_path):
     assert not (out / MANIFEST).exists()  # nothing claims the run is complete
 
 
-@MARKUP_BUG
 def test_a_hung_rank_stops_the_other_after_the_timeout(tmp_path):
     """SIGSTOP rank 1 (alive but silent): rank 0 gives up after --dist-timeout at the barrier, exit 1."""
     rc, err, waited, _ = _stop_rank1_mid_run(tmp_path, signal.SIGSTOP, timeout=5)
