@@ -20,3 +20,8 @@ NAME=kernels step $PY bench/kernels.py --sizes 1024 4096 16384 --dims 128 512 --
 NAME=ablate step $PY bench/ablate.py --workers 2 --out $OUT/ablation
 NAME=complexity step $PY bench/complexity.py --out $OUT/complexity --json $OUT/complexity.json
 NAME=baselines_quiet step $PY bench/baselines.py --rows 'mtt1_s10_full,mtt1_s10_ckpt,mtt1_s20_full,mtt1_s20_ckpt,dc1,dm1,dm10' --repeats 1 --json $OUT/baselines_quiet.json
+# docs/scaling.md: torchrun (2 processes, gloo) vs one process
+NAME=scaling_experts step $PY bench/scaling.py --repeats 5 --json $OUT/scaling.json
+NAME=scaling_distill step $PY bench/scaling_distill.py --json $OUT/scaling_distill_mim4dd_dm.json
+NAME=scaling_distill_mtt step $PY bench/scaling_distill.py --methods mtt --json $OUT/scaling_distill_mtt.json
+NAME=scaling_distill_cifar step $PY bench/scaling_distill.py --shape cifar --methods mtt --iterations 4 --json $OUT/scaling_distill_mtt_cifar.json
