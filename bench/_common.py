@@ -71,3 +71,13 @@ def si(n: float | None, unit: str = "") -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g} {prefix}{unit}"
     return f"{n:.3g} {unit}".strip()
+
+
+def write_json_result(path: str | Path, result: dict) -> None:
+    """Write a bench result as indented JSON (creating the folder) and say where."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {path}")

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, ArgError, Parser  # noqa: E402
+from _common import ROOT, ArgError, Parser, write_json_result  # noqa: E402
 
 
 def build_parser() -> Parser:
@@ -153,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(failures)} run(s) failed and were run again (see failed_runs in the JSON)")
     print(f"load average before/after: {load_before} / {result['loadavg_after']}")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written {path}")
+        write_json_result(args.json, result)
     return 0
 
 

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, ArgError, Parser  # noqa: E402
+from _common import ROOT, ArgError, Parser, write_json_result  # noqa: E402
 from scaling import _env  # noqa: E402
 
 
@@ -138,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
               "bench_command": shlex.join([py, "bench/scaling_distill.py", *given]),
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "loadavg_after": os.getloadavg(), "rows": rows}
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written {path}")
+        write_json_result(args.json, result)
     return 0
 
 
