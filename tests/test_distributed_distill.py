@@ -173,3 +173,17 @@ def test_sigterm_to_torchrun_checkpoints_every_rank_at_the_same_iteration_and_re
                            timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from iteration {done[-1]}" in resumed.stderr
+
+
+@pytest.mark.parametrize("flag, env, message", [
+    (["--dist-timeout", "-5"], {}, "must be a positive number of seconds, got -5.0"),
+    (["--dist-timeout", "nan"], {}, "must be a positive number of seconds"),
+    ([], {"MIM4DD_DIST_TIMEOUT": "soon"}, "must be a number of seconds, got 'soon'"),
+])
+def test_bad_distributed_timeout_is_one_sentence_exit_2(tmp_path, monkeypatch, capsys, flag, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "run"
+    assert main(["distill", "--method", "dm", "--iterations", "1", "--out", str(out), *flag]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not out.exists() or not any(out.iterdir())  # refused before anything was written
