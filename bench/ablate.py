@@ -15,7 +15,6 @@ cannot be combined with torchrun (exit 2): use --nproc-per-node for parallel cel
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 
 from mim4dd_fast.ablation import DEFAULT_SWEEP, make_cells, parse_grid_args, parse_grid_file, run_sweep, write_report
-from mim4dd_fast.distributed import DistributedError, init_from_env, launched_distributed, shutdown
+from mim4dd_fast.distributed import DistributedError, init_from_env, launched_distributed, rank_prefix, shutdown
 from mim4dd_fast.errors import UserError
 
 console = Console(stderr=True)
@@ -59,10 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rank_prefix() -> str:
-    return f"[rank {os.environ.get('RANK', '?')}] " if launched_distributed() else ""
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -72,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, argv)
     except UserError as exc:
-        console.print(f"{_rank_prefix()}error: {exc}", markup=False)
+        console.print(f"{rank_prefix()}error: {exc}", markup=False)
         return 2
     except DistributedError as exc:
-        console.print(f"{_rank_prefix()}error: {exc}", markup=False)
+        console.print(f"{rank_prefix()}error: {exc}", markup=False)
         return 1
     except KeyboardInterrupt:
-        console.print(f"{_rank_prefix()}interrupted; rerun the same command to resume from the cached cells.",
+        console.print(f"{rank_prefix()}interrupted; rerun the same command to resume from the cached cells.",
                       markup=False)
         return 130
     finally:

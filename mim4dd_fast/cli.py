@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from rich.console import Console
@@ -58,12 +57,6 @@ def _join(args: argparse.Namespace, device: str):
 
         warnings.simplefilter("ignore")
     return dist, rank_device(device, dist)
-
-
-def _rank_prefix() -> str:
-    from .distributed import launched_distributed
-
-    return f"[rank {os.environ.get('RANK', '?')}] " if launched_distributed() else ""
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -318,18 +311,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .distributed import DistributedError, shutdown
+    from .distributed import DistributedError, rank_prefix, shutdown
 
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        console.print(f"{_rank_prefix()}error: {exc}", markup=False)
+        console.print(f"{rank_prefix()}error: {exc}", markup=False)
         return 2
     except DistributedError as exc:
-        console.print(f"{_rank_prefix()}error: {exc}", markup=False)
+        console.print(f"{rank_prefix()}error: {exc}", markup=False)
         return 1
     except KeyboardInterrupt:
-        console.print(f"{_rank_prefix()}interrupted.", markup=False)
+        console.print(f"{rank_prefix()}interrupted.", markup=False)
         return 130
     finally:
         shutdown()

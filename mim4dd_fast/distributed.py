@@ -184,6 +184,11 @@ def launched_distributed() -> bool:
         return False
 
 
+def rank_prefix() -> str:
+    """``"[rank r] "`` under torchrun (for lines every rank may print, i.e. errors), else ``""``."""
+    return f"[rank {os.environ.get('RANK', '?')}] " if launched_distributed() else ""
+
+
 def resolve_timeout(timeout_s: float | None) -> float:
     """The flag if given, else $MIM4DD_DIST_TIMEOUT, else 30 minutes; ConfigError when not a positive number."""
     raw: Any = timeout_s if timeout_s is not None else os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S)
