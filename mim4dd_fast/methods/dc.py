@@ -22,10 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import require
-from ..data import Dataset
-from ..distributed import SINGLE, Dist
-from .base import AuxTerm, ConvNetSettings
-from .fresh_net import FreshNetMethod, load_dsa
+from .base import ConvNetSettings
+from .fresh_net import FreshNetMethod
 from .spec import MethodSpec
 
 # (outer_loop, inner_loop) by IPC, DatasetCondensation utils.get_loops.
@@ -125,16 +123,11 @@ class DC(FreshNetMethod):
     """Gradient matching; ``step()`` is one outer iteration of the original (fresh net, outer_loop rounds)."""
 
     name = "dc"
+    config_class = DCConfig
 
-    def __init__(self, dataset: Dataset, ipc: int, config: DCConfig | None = None, *, init: str = "real",
-                 device: str | torch.device = "cpu", seed: int = 0, term: AuxTerm | None = None,
-                 dist: Dist = SINGLE) -> None:
-        super().__init__(dataset, ipc, config or DCConfig(), init=init, device=device, seed=seed, term=term,
-                         dist=dist)
-        self.shard.check_classes(dataset.num_classes, self.name)
-        self.outer_loop, self.inner_loop = self.config.loops(ipc)
-        self._init_images_optimizer(self.config.lr_img, self.config.momentum_img)
-        self._dsa = load_dsa() if self.config.dsa else None
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.outer_loop, self.inner_loop = self.config.loops(self.ipc)
 
     # -- one iteration --------------------------------------------------------------------
     def step(self) -> dict[str, float]:

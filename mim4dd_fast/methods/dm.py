@@ -17,10 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import require
-from ..data import Dataset
-from ..distributed import SINGLE, Dist
-from .base import AuxTerm, ConvNetSettings
-from .fresh_net import FreshNetMethod, load_dsa
+from .base import ConvNetSettings
+from .fresh_net import FreshNetMethod
 from .spec import MethodSpec
 
 
@@ -53,15 +51,7 @@ class DM(FreshNetMethod):
     """Distribution matching; ``step()`` is one iteration of the original (one image update)."""
 
     name = "dm"
-
-    def __init__(self, dataset: Dataset, ipc: int, config: DMConfig | None = None, *, init: str = "real",
-                 device: str | torch.device = "cpu", seed: int = 0, term: AuxTerm | None = None,
-                 dist: Dist = SINGLE) -> None:
-        super().__init__(dataset, ipc, config or DMConfig(), init=init, device=device, seed=seed, term=term,
-                         dist=dist)
-        self.shard.check_classes(dataset.num_classes, self.name)
-        self._init_images_optimizer(self.config.lr_img, self.config.momentum_img)
-        self._dsa = load_dsa() if self.config.dsa else None
+    config_class = DMConfig
 
     def step(self) -> dict[str, float]:
         """Every rank draws every class's random numbers; a class's work is done by the rank that owns it."""

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import Dataset
+from ..distributed import SINGLE, Dist
 from ..errors import NonFiniteError
 from ..models import build_model
-from .base import DistillMethod
+from .base import AuxTerm, DistillMethod
 
 
 def load_dsa():
@@ -29,12 +31,21 @@ def load_dsa():
 
 
 class FreshNetMethod(DistillMethod):
-    """A DistillMethod that trains its images with SGD against a fresh network each iteration."""
+    """A DistillMethod that trains its images with SGD against a fresh network each iteration.
 
-    optimizer: torch.optim.Optimizer
+    Its config has ``lr_img``, ``momentum_img`` and ``dsa``; it shards the classes over the ranks.
+    """
 
-    def _init_images_optimizer(self, lr: float, momentum: float) -> None:
-        self.optimizer = torch.optim.SGD([self.images], lr=lr, momentum=momentum)
+    config_class: type  # the default settings when none are given
+
+    def __init__(self, dataset: Dataset, ipc: int, config=None, *, init: str = "real",
+                 device: str | torch.device = "cpu", seed: int = 0, term: AuxTerm | None = None,
+                 dist: Dist = SINGLE) -> None:
+        super().__init__(dataset, ipc, config or self.config_class(), init=init, device=device, seed=seed,
+                         term=term, dist=dist)
+        self.shard.check_classes(dataset.num_classes, self.name)
+        self.optimizer = torch.optim.SGD([self.images], lr=self.config.lr_img, momentum=self.config.momentum_img)
+        self._dsa = load_dsa() if self.config.dsa else None
 
     @contextmanager
     def _local_rng(self):
