@@ -339,3 +339,38 @@ def test_term_decreases_inside_mtt(digits, tmp_path):
     method = build_method("mtt+mim", digits, 1, config=config, mim=MIM_SMALL, experts=experts)
     values = _mim_values(method, 8)
     assert _decreased(values), values
+
+
+def test_heads_train_on_the_unweighted_bound_at_every_lambda():
+    """lambda weighs the term in the images' loss only: the heads' step is the same at lambda 0, 0.1 and 3,
+    and at lambda 0 the images get no gradient from the term while its heads still move."""
+    model = _net()
+    x_syn, y_syn = _batch(2)
+    x_real, y_real = _batch(4, seed=1)
+    heads, image_grads = [], []
+    for lam in (0.0, 0.1, 3.0):
+        term = _term(model, lam=lam, n_real=4, head_optimizer="sgd", lr_head=0.1)
+        x = x_syn.clone().requires_grad_(True)
+        loss, logs = term(model, x, y_syn, x_real, y_real)
+        if loss.requires_grad:
+            loss.backward()
+        heads.append(torch.cat([p.detach().flatten() for p in term.parameters()]))
+        image_grads.append(None if x.grad is None else x.grad.clone())
+        layer_losses = [logs[f"mim/{name}"] for name in term.layers]
+        assert logs["mim_loss"] == pytest.approx(lam * sum(b * v for b, v in zip(term.beta, layer_losses, strict=True)))
+    torch.testing.assert_close(heads[0], heads[1])
+    torch.testing.assert_close(heads[1], heads[2])
+    start = torch.cat([p.detach().flatten() for p in _term(model, n_real=4).parameters()])
+    assert not torch.equal(heads[0], start)  # lambda 0: the heads moved
+    assert image_grads[0] is None  # ... and the images got nothing from the term
+    torch.testing.assert_close(image_grads[2], image_grads[1] * 30.0, rtol=1e-4, atol=1e-7)
+
+
+def test_head_init_follows_the_run_seed_unless_pinned():
+    model = _net()
+    a = MIMTerm(MIMConfig(), model, 10, seed=1)
+    b = MIMTerm(MIMConfig(), model, 10, seed=2)
+    c = MIMTerm(MIMConfig(seed=5), model, 10, seed=1)
+    d = MIMTerm(MIMConfig(seed=5), model, 10, seed=2)
+    flat = [torch.cat([p.detach().flatten() for p in t.parameters()]) for t in (a, b, c, d)]
+    assert not torch.equal(flat[0], flat[1]) and torch.equal(flat[2], flat[3])

@@ -72,7 +72,7 @@ class MIMConfig(Validated):
     impl: str = "auto"  # contrastive_loss implementation
     real_chunk: int = 128  # real images per forward pass of the real side (bounds peak memory)
     tap: str = "fused"  # "fused": keep only pooled features; "naive": keep full maps (for comparison)
-    seed: int = 0  # head initialisation seed (does not touch the global RNG)
+    seed: int | None = None  # head initialisation seed; None = the run's seed (never touches the global RNG)
 
     def validate(self) -> None:
         for name, choices in _CHOICES.items():
@@ -149,8 +149,9 @@ class MIMTerm:
     """
 
     def __init__(self, config: MIMConfig, model: nn.Module, num_classes: int,
-                 device: str | torch.device = "cpu", dist: Dist = SINGLE) -> None:
+                 device: str | torch.device = "cpu", dist: Dist = SINGLE, seed: int = 0) -> None:
         self.config = config
+        self.head_seed = seed if config.seed is None else config.seed  # the run's seed unless pinned
         self.num_classes = num_classes
         self.device = torch.device(device)
         self.shard = Shard(dist)
@@ -172,7 +173,7 @@ class MIMTerm:
         # Heads are initialised from their own seed so adding the term does not shift the
         # method's random stream (fork_rng restores the global CPU RNG afterwards).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
+            torch.manual_seed(self.head_seed)
             sets = [nn.ModuleList([build_head(config.head, d, config.head_width) for d in dims])
                     for _ in range(n_sets)]
         self.heads = sets[0].to(self.device)
@@ -276,30 +277,34 @@ class MIMTerm:
                  forward_syn=None, forward_real=None) -> tuple[Tensor, dict[str, float]]:
         """The weighted term for the caller's backward; the heads are trained here (see the class doc).
 
-        One backward pass through the heads and the contrastive loss gives the heads' gradient and the
-        gradient at the synthetic features; the returned tensor carries the latter into the model
-        (value: the weighted term; gradient: features . grad), so the caller's backward never reaches
-        the heads, which have already stepped.
+        The heads maximise the bound itself: their gradient is that of the unweighted sum_k beta_k L_k,
+        at every lambda (lambda = 0 included), so the logged bound means the same across lambda. lambda
+        weighs the term in the images' loss only. One backward pass through the heads and the
+        contrastive loss gives the heads' gradient and the gradient at the synthetic features; the
+        returned tensor carries lambda times the latter into the model (value: the weighted term;
+        gradient: lambda * features . grad), so the caller's backward never reaches the heads, which
+        have already stepped.
         """
         self._check_real_batch(y_real)
         f_syn, f_real = self.features(model, forward_syn or model, forward_real or model, x_syn, x_real)
         total, logs = self._objective(f_syn, f_real, y_syn, y_real, x_real.shape[0])
-        weighted = self.config.lam * total
-        logs["mim_loss"] = float(weighted.detach())
+        lam = self.config.lam
+        logs["mim_loss"] = float(lam * total.detach())
         params = self.parameters()
-        feats = [f_syn[name] for name in self.layers if f_syn[name].requires_grad]
-        grads = torch.autograd.grad(weighted, params + feats, allow_unused=True) if params or feats else ()
+        feats = [f_syn[name] for name in self.layers if f_syn[name].requires_grad and lam != 0]
+        grads = torch.autograd.grad(total, params + feats, allow_unused=True) if params or feats else ()
         head_grads, feat_grads = grads[: len(params)], grads[len(params):]
         if self.optimizer is not None:
             for p, g in zip(params, head_grads, strict=True):
                 p.grad = torch.zeros_like(p) if g is None else g
             self.shard.average([p.grad for p in params], "averaging the MIM heads' gradients")
             self.step()
+        value = lam * total.detach()
         carried = [(f * g).sum() for f, g in zip(feats, feat_grads, strict=True) if g is not None]
         if not carried:
-            return weighted.detach(), logs
-        surrogate = torch.stack(carried).sum()
-        return surrogate - surrogate.detach() + weighted.detach(), logs
+            return value, logs
+        surrogate = lam * torch.stack(carried).sum()
+        return surrogate - surrogate.detach() + value, logs
 
     # -- head optimisation and state ---------------------------------------------------------
     def zero_grad(self) -> None:

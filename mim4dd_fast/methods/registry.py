@@ -110,6 +110,6 @@ def build_method(
     if choice.with_term:
         if not isinstance(mim, MIMConfig):
             mim = from_mapping(MIMConfig, mim, what="mim setting")
-        method.term = MIMTerm(mim, method.network_template(), dataset.num_classes, device, dist=dist)
+        method.term = MIMTerm(mim, method.network_template(), dataset.num_classes, device, dist=dist, seed=seed)
         method.term.check_dataset(dataset)
     return method
