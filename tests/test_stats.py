@@ -219,6 +219,14 @@ def test_no_effect_test_is_calibrated_on_pure_noise_and_has_power():
     assert power >= 0.8, power
 
 
+def test_the_old_sensitivity_ratio_is_not_calibrated():
+    """Why sweep_effects replaces it: range of means / mean ddof=0 seed std exceeds 1 on most pure-noise sweeps."""
+    y = np.random.default_rng(0).normal(size=(5000, 2, 5))  # 2 seeds x 5 settings, no effect at all
+    means = y.mean(axis=1)
+    ratio = (means.max(-1) - means.min(-1)) / y.std(axis=1).mean(-1)
+    assert (ratio > 1).mean() > 0.9  # docs/theory.md section 6: 97 % of sweeps
+
+
 def test_sweep_effect_intervals_flag_the_shifted_setting():
     rng = np.random.default_rng(7)
     values = _noise_sweep(rng, n_seeds=8, shift=6.0)
