@@ -224,7 +224,7 @@ def test_the_old_sensitivity_ratio_is_not_calibrated():
     y = np.random.default_rng(0).normal(size=(5000, 2, 5))  # 2 seeds x 5 settings, no effect at all
     means = y.mean(axis=1)
     ratio = (means.max(-1) - means.min(-1)) / y.std(axis=1).mean(-1)
-    assert (ratio > 1).mean() > 0.9  # docs/theory.md section 6: 97 % of sweeps
+    assert (ratio > 1).mean() > 0.9  # 97 % here; docs/theory.md section 6: "more than 90 %"
 
 
 def test_sweep_effect_intervals_flag_the_shifted_setting():
