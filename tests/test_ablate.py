@@ -41,10 +41,11 @@ def test_grid_parser_translates_values():
     ("tau=", "empty list"),
     ("tau=,,", "empty list"),
     ("tau=abc", "not a valid float"),
-    ("tau=-1", "positive"),
+    ("tau=-1", "Grid value '-1' for 'tau': MIM tau must be greater than 0"),
     ("tau=nan", "finite"),
     ("n_real=2.5", "not a valid int"),
-    ("head=transformer", "identity, linear or mlp"),
+    ("head=transformer", "Grid value 'transformer' for 'head': Unknown MIM head 'transformer'; choose one of: "
+                         "identity, linear, mlp"),
     ("tau", "name=value"),
 ])
 def test_bad_grids_are_clear_errors(item, message):

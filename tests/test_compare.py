@@ -102,10 +102,11 @@ def test_bad_flags_print_one_sentence_and_exit_2(argv, words, capsys):
 
 
 def test_set_prefix_matches_exact_alias_when_both_are_listed():
-    compare = _load("compare")
-    items = ['mtt+mim:mim.impl="reference"', "mim.tau=0.2", "mtt:method_config.syn_steps=3"]
+    from mim4dd_fast.settings import parse_overrides
+
+    items = ['mtt+mim:mim.impl="reference"', "mim.tau=0.2", "mtt:method_config.syn_steps=3", "mtt:method.lr_img=9"]
     both = ["mtt", "mim4dd", "mtt+mim"]
-    assert compare.overrides(items, "mtt+mim", both)["mim"] == {"impl": "reference", "tau": 0.2}
-    assert compare.overrides(items, "mim4dd", both)["mim"] == {"tau": 0.2}  # the alias is not matched
-    assert compare.overrides(items, "mim4dd", ["mim4dd"])["mim"] == {"impl": "reference", "tau": 0.2}
-    assert compare.overrides(items, "mtt", both)["method_config"] == {"syn_steps": 3}
+    assert parse_overrides(items, "mtt+mim", both)["mim"] == {"impl": "reference", "tau": 0.2}
+    assert parse_overrides(items, "mim4dd", both)["mim"] == {"tau": 0.2}  # the alias is not matched
+    assert parse_overrides(items, "mim4dd", ["mim4dd"])["mim"] == {"impl": "reference", "tau": 0.2}
+    assert parse_overrides(items, "mtt", both)["method_config"] == {"syn_steps": 3, "lr_img": 9}

@@ -35,7 +35,7 @@ def _batch(n_per_class: int, classes: int = 3, seed: int = 0):
 
 
 def _loop_loss(a, b, ya, yb, tau, critic="infonce", k=1.0, neg_weight=1.0) -> float:
-    """DESIGN.md's loss written anchor by anchor in float64 (an independent oracle)."""
+    """The loss of docs/method.md written anchor by anchor in float64 (an independent oracle)."""
     a, b = a.double(), b.double()
     a = a / a.norm(dim=1, keepdim=True)
     b = b / b.norm(dim=1, keepdim=True)
