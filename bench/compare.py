@@ -32,7 +32,7 @@ RANDOM = "random-cifar10"  # Gaussian CIFAR-10-shaped data for cost measurements
 REQUIRED = ("method", "dataset", "ipc", "iterations", "sec_per_iter_median", "sec_per_iter_p90", "flops_per_iter",
             "peak_mem_bytes", "peak_mem_kind", "accuracy_mean", "accuracy_std", "random_baseline_mean")
 CSV_FIELDS = (*REQUIRED, "total_seconds", "flops_per_sec", "saved_for_backward_bytes", "peak_rss_delta_bytes",
-              "cuda_max_allocated_bytes", "random_baseline_std", "mi_lower_bound_mean", "expert_seconds",
+              "cuda_max_allocated_bytes", "random_baseline_std", "mi_estimate_mean", "expert_seconds",
               "eval_seconds", "device", "preset")
 
 
@@ -188,7 +188,7 @@ def run_method(name: str, preset: str | None, settings, dataset, device: str, ar
         traces = [str(p) for p in profiling.trace(Path(args.profile) / _label(name), method.step, steps=2,
                                                   warmup=1, name=_label(name), device=device)]
 
-    mi = {k.split("/", 1)[1]: float(v) for k, v in logs.items() if k.startswith("mi_lb/")}
+    mi = {k.split("/", 1)[1]: float(v) for k, v in logs.items() if k.startswith("mi_est/")}
     median = stats["median"]
     return {
         "method": name,
@@ -215,8 +215,8 @@ def run_method(name: str, preset: str | None, settings, dataset, device: str, ar
         "random_baseline_mean": base["mean"],
         "random_baseline_std": base["std"],
         "random_baseline_accuracies": base["accuracies"],
-        "mi_lower_bound": mi or None,
-        "mi_lower_bound_mean": (sum(mi.values()) / len(mi)) if mi else None,
+        "mi_estimate": mi or None,
+        "mi_estimate_mean": (sum(mi.values()) / len(mi)) if mi else None,
         "final_loss": float(logs.get("loss", math.nan)),
         "expert_seconds": expert_seconds if experts is not None else None,
         "eval_seconds": eval_seconds,
@@ -247,13 +247,13 @@ def render(results: list[dict], console) -> None:
                         f"(ratios: time / FLOPs / memory vs {first['method']})")
     cols = ["method", "iters", "s/it median", "s/it p90", "distill s", "FLOP/it", "FLOP/s",
             "saved for bwd MiB" if cpu else "CUDA max alloc MiB", "peak RSS rise MiB", "accuracy %",
-            "random real %", "MI lower bound (nats)", f"vs {first['method']}"]
+            "random real %", "MI estimate (nats)", f"vs {first['method']}"]
     for c in cols:
-        table.add_column(c, justify="left" if c in ("method", "MI lower bound (nats)") else "right")
+        table.add_column(c, justify="left" if c in ("method", "MI estimate (nats)") else "right")
     for r in results:
         mi = "-"
-        if r["mi_lower_bound"]:
-            mi = " ".join(f"{k}:{v:.3f}" for k, v in r["mi_lower_bound"].items())
+        if r["mi_estimate"]:
+            mi = " ".join(f"{k}:{v:.3f}" for k, v in r["mi_estimate"].items())
         table.add_row(
             r["method"], str(r["iterations"]), f"{r['sec_per_iter_median']:.3f}", f"{r['sec_per_iter_p90']:.3f}",
             f"{r['total_seconds']:.1f}", si(r["flops_per_iter"]), si(r["flops_per_sec"]), mib(r["peak_mem_bytes"]),

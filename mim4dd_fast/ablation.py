@@ -197,9 +197,9 @@ def run_cell(cell: Cell, base: dict[str, Any], experts_dir: str, threads: int = 
     distill_seconds = time.perf_counter() - t0
     result = run.evaluate()
     tail = history[-min(5, len(history)):]
-    mi = {k: sum(h[k] for h in tail) / len(tail) for k in tail[-1] if k.startswith("mi_lb/")}
+    mi = {k: sum(h[k] for h in tail) / len(tail) for k in tail[-1] if k.startswith("mi_est/")}
     return {"params": dict(cell.params), "seed": cell.seed, "accuracy_mean": result["mean"],
-            "accuracy_std": result["std"], "accuracies": result["accuracies"], "mi_lb": mi,
+            "accuracy_std": result["std"], "accuracies": result["accuracies"], "mi_est": mi,
             "final_loss": tail[-1].get("loss"), "mim_loss": tail[-1].get("mim_loss"),
             "distill_seconds": distill_seconds}
 
@@ -306,11 +306,11 @@ def summarise(results: list[dict]) -> list[dict]:
         seed_means = [m["accuracy_mean"] for m in members]
         mean = sum(accs) / len(accs)
         std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))
-        layers = sorted({k for m in members for k in m["mi_lb"]})
-        mi = {k: sum(m["mi_lb"].get(k, 0.0) for m in members) / len(members) for k in layers}
+        layers = sorted({k for m in members for k in m["mi_est"]})
+        mi = {k: sum(m["mi_est"].get(k, 0.0) for m in members) / len(members) for k in layers}
         seed_std = math.sqrt(sum((s - sum(seed_means) / len(seed_means)) ** 2 for s in seed_means) / len(seed_means))
         rows.append({"params": dict(key), "accuracy_mean": mean, "accuracy_std": std, "seed_std": seed_std,
-                     "n": len(accs), "seeds": len(members), "mi_lb": mi})
+                     "n": len(accs), "seeds": len(members), "mi_est": mi})
     return rows
 
 
@@ -345,7 +345,7 @@ def write_report(results: list[dict], grid: dict[str, list[str]], out: Path, *, 
             sub = [{"params": {param: v}, "accuracy_mean": sum(m["accuracy_mean"] for m in ms) / len(ms),
                     "accuracy_std": sum(m["accuracy_std"] for m in ms) / len(ms),
                     "seed_std": sum(m["seed_std"] for m in ms) / len(ms),
-                    "mi_lb": {k: sum(m["mi_lb"].get(k, 0) for m in ms) / len(ms) for k in ms[0]["mi_lb"]}}
+                    "mi_est": {k: sum(m["mi_est"].get(k, 0) for m in ms) / len(ms) for k in ms[0]["mi_est"]}}
                    for v, ms in merged.items()]
         by_value = {r["params"][param]: r for r in sub}
         values = [v for v in _order(grid[param]) if v in by_value]
@@ -359,13 +359,13 @@ def write_report(results: list[dict], grid: dict[str, list[str]], out: Path, *, 
         ax1.set_xlabel(param)
         ax1.set_ylabel("test accuracy (%)")
         ax1.set_title(f"accuracy vs {param}")
-        layers = sorted({k for v in values for k in by_value[v]["mi_lb"]})
+        layers = sorted({k for v in values for k in by_value[v]["mi_est"]})
         for layer in layers:
-            ax2.plot(xs, [by_value[v]["mi_lb"].get(layer, math.nan) for v in values], marker="o",
-                     label=layer.removeprefix("mi_lb/"))
+            ax2.plot(xs, [by_value[v]["mi_est"].get(layer, math.nan) for v in values], marker="o",
+                     label=layer.removeprefix("mi_est/"))
         ax2.set_xticks(list(xs), values)
         ax2.set_xlabel(param)
-        ax2.set_ylabel("MI lower bound (nats)")
+        ax2.set_ylabel("MI estimate (nats)")
         ax2.set_title("InfoNCE bound per layer")
         if layers:
             ax2.legend(fontsize=7)
@@ -416,11 +416,11 @@ def write_report(results: list[dict], grid: dict[str, list[str]], out: Path, *, 
         figures.append("heatmap.png")
 
     lines = [f"# {title}", "", f"Produced by: `{command}`", "",
-             "| setting | accuracy (%) | std over nets x seeds | seed noise | n | MI lower bound per layer (nats) |",
+             "| setting | accuracy (%) | std over nets x seeds | seed noise | n | MI estimate per layer (nats) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         label = ", ".join(f"{k}={v}" for k, v in r["params"].items())
-        mi = ", ".join(f"{k.removeprefix('mi_lb/')}: {v:.3f}" for k, v in r["mi_lb"].items()) or "-"
+        mi = ", ".join(f"{k.removeprefix('mi_est/')}: {v:.3f}" for k, v in r["mi_est"].items()) or "-"
         lines.append(f"| {label} | {100 * r['accuracy_mean']:.2f} | {100 * r['accuracy_std']:.2f} | "
                      f"{100 * r['seed_std']:.2f} | {r['n']} | {mi} |")
     if sensitivity:

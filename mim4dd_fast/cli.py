@@ -155,7 +155,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
             last = lines[-1]
             table.add_row("iterations done", str(last.get("iteration")))
             for k, v in sorted(last.items()):
-                if k.startswith(("loss", "mim", "mi_lb", "syn_lr")):
+                if k.startswith(("loss", "mim", "mi_est", "syn_lr")):
                     table.add_row(f"last {k}", f"{v:.4g}")
     if (out / "eval.json").exists():
         ev = json.loads((out / "eval.json").read_text())

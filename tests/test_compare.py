@@ -69,9 +69,9 @@ def test_tiny_comparison_writes_the_documented_schema(tmp_path, capsys):
         assert r["peak_rss_delta_bytes"] >= 0
         assert r["traces"] and all(Path(p).exists() for p in r["traces"])
     dm, mim = results
-    assert dm["mi_lower_bound"] is None and dm["expert_seconds"] is None
-    assert set(mim["mi_lower_bound"]) == {"blocks.0", "blocks.1"}  # digits: ConvNet-2, every block tapped
-    assert all(math.isfinite(v) for v in mim["mi_lower_bound"].values())
+    assert dm["mi_estimate"] is None and dm["expert_seconds"] is None
+    assert set(mim["mi_estimate"]) == {"blocks.0", "blocks.1"}  # digits: ConvNet-2, every block tapped
+    assert all(math.isfinite(v) for v in mim["mi_estimate"].values())
     assert _positive(mim["expert_seconds"])
     # both methods share one random-real baseline (same data, IPC, seed and protocol)
     assert dm["random_baseline_mean"] == mim["random_baseline_mean"]

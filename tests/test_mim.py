@@ -168,7 +168,7 @@ def test_value_matches_direct_computation(critic, symmetric):
                 layer = 0.5 * (layer + _loop_loss(zr, zs, y_real, y_syn, **kw))
             assert logs[f"mim/{name}"] == pytest.approx(layer, rel=1e-4)
             infonce = _loop_loss(zs, zr, y_syn, y_real, tau=0.2)
-            assert logs[f"mi_lb/{name}"] == pytest.approx(math.log(9) - infonce, rel=1e-4, abs=1e-5)
+            assert logs[f"mi_est/{name}"] == pytest.approx(math.log(9) - infonce, rel=1e-4, abs=1e-5)
             total += betas[k] * layer
     assert loss.item() == pytest.approx(0.7 * total, rel=1e-4)
     assert logs["mim_loss"] == pytest.approx(0.7 * total, rel=1e-4)
@@ -249,7 +249,7 @@ def test_real_side_in_chunks_is_exact_and_naive_tap_agrees():
     naive, _ = _term(model, n_real=5, tap="naive").loss(model, model, model, x_syn, y_syn, x_real, y_real)
     assert chunked.item() == pytest.approx(whole.item(), rel=1e-5)
     assert naive.item() == pytest.approx(whole.item(), rel=1e-5)
-    assert logs_c["mi_lb/blocks.0"] == pytest.approx(logs["mi_lb/blocks.0"], rel=1e-5)
+    assert logs_c["mi_est/blocks.0"] == pytest.approx(logs["mi_est/blocks.0"], rel=1e-5)
 
 
 # -- configuration errors ---------------------------------------------------------------------
@@ -308,7 +308,7 @@ def _mim_values(method, iterations: int) -> list[float]:
     values = []
     for _ in range(iterations):
         logs = method.step()
-        assert {"mim_loss", "mim/blocks.0", "mim/blocks.1", "mi_lb/blocks.1"} <= set(logs)
+        assert {"mim_loss", "mim/blocks.0", "mim/blocks.1", "mi_est/blocks.1"} <= set(logs)
         values.append(logs["mim_loss"])
     return values
 

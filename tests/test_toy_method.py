@@ -106,7 +106,7 @@ def test_toy_method_through_compare(toy, tmp_path):
                          "--eval-epochs", "2", "--set", "meanmatch+mim:mim.n_real=4", "--json", str(path)]) == 0
     rows = {r["method"]: r for r in json.loads(path.read_text())["results"]}
     assert set(rows) == {"meanmatch", "meanmatch+mim"}
-    assert rows["meanmatch"]["mi_lower_bound"] is None and rows["meanmatch+mim"]["mi_lower_bound"]
+    assert rows["meanmatch"]["mi_estimate"] is None and rows["meanmatch+mim"]["mi_estimate"]
     # mean matching has no matmul or conv (what FlopCounterMode counts); the term's network and heads do
     assert rows["meanmatch"]["flops_per_iter"] == 0 and rows["meanmatch+mim"]["flops_per_iter"] > 0
 

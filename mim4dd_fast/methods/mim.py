@@ -1,4 +1,4 @@
-"""The MIM4DD term: a layer-wise contrastive lower bound on I(real; synthetic), added to any method.
+"""The MIM4DD term: a layer-wise contrastive estimate of I(real; synthetic), added to any method.
 
 For each tapped layer k (shallow to deep) the pooled feature f_k (FeatureTap) of the synthetic and
 of a fresh real batch is embedded by a head g_k, and the contrastive loss (docs/method.md) compares
@@ -258,14 +258,15 @@ class MIMTerm:
                 infonce = forward if c.critic == "infonce" else self._contrast(
                     z_syn.detach(), z_real.detach(), y_syn, y_real, "infonce")
                 logs[f"mim/{name}"] = float(layer_loss.detach())
-                logs[f"mi_lb/{name}"] = log_m - float(infonce.detach())
+                logs[f"mi_est/{name}"] = log_m - float(infonce.detach())
         assert total is not None
         return total, logs
 
     def loss(self, model: nn.Module, forward_syn, forward_real, x_syn: Tensor, y_syn: Tensor,
              x_real: Tensor, y_real: Tensor) -> tuple[Tensor, dict[str, float]]:
         """lambda * sum_k beta_k L_k with its full graph (heads included) and logs: mim_loss, mim/<layer>,
-        mi_lb/<layer> (nats). The building block of ``__call__``; tests and analyses use it directly."""
+        mi_est/<layer> (log M - InfoNCE in nats; docs/theory.md says what it estimates). The building
+        block of ``__call__``; tests and analyses use it directly."""
         self._check_real_batch(y_real)
         f_syn, f_real = self.features(model, forward_syn, forward_real, x_syn, x_real)
         total, logs = self._objective(f_syn, f_real, y_syn, y_real, x_real.shape[0])
@@ -277,8 +278,8 @@ class MIMTerm:
                  forward_syn=None, forward_real=None) -> tuple[Tensor, dict[str, float]]:
         """The weighted term for the caller's backward; the heads are trained here (see the class doc).
 
-        The heads maximise the bound itself: their gradient is that of the unweighted sum_k beta_k L_k,
-        at every lambda (lambda = 0 included), so the logged bound means the same across lambda. lambda
+        The heads maximise the estimate itself: their gradient is that of the unweighted sum_k beta_k L_k,
+        at every lambda (lambda = 0 included), so the logged estimate means the same across lambda. lambda
         weighs the term in the images' loss only. One backward pass through the heads and the
         contrastive loss gives the heads' gradient and the gradient at the synthetic features; the
         returned tensor carries lambda times the latter into the model (value: the weighted term;
