@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from rich.console import Console
 
 from mim4dd_fast.ablation import (
     DEFAULT_SWEEP,
+    SWEEP_MARKER,
     cell_settings,
     make_cells,
     parse_grid_args,
@@ -30,8 +30,11 @@ from mim4dd_fast.ablation import (
     run_sweep,
     write_report,
 )
+from mim4dd_fast.bounds import check_seed
 from mim4dd_fast.distributed import init_from_env, launched_distributed
 from mim4dd_fast.errors import OneSentenceParser, UserError, run_command
+from mim4dd_fast.io import atomic_write_json
+from mim4dd_fast.rundir import check_run_target
 
 console = Console(stderr=True)
 
@@ -83,6 +86,9 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise UserError(f"--seeds must be a comma list of integers, got {args.seeds!r}.") from None
     if not seeds:
         raise UserError("--seeds must name at least one seed.")
+    for seed in seeds:
+        check_seed(seed, "each of --seeds")
+    out = check_run_target(args.out, resume=False, marker=SWEEP_MARKER, kind="ablation sweep")
     choice = resolve(args.method)
     if not choice.with_term:
         raise UserError(f"Ablations sweep the MIM term; use a +mim method, not {args.method!r}.")
@@ -101,8 +107,9 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     for cell in cells:  # validate every cell before any work (every rank sees the same flags, so all fail alike)
         cell_settings(cell, base)
     dist = init_from_env(args.dist_timeout, "cpu")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / SWEEP_MARKER, {"kind": "mim4dd-fast ablation sweep"})
     if dist.is_main:
         ranks = f"; {dist.world_size} ranks" if dist.enabled else ""
         console.print(f"{len(cells)} cells ({'one at a time' if one else 'product'} over {', '.join(grid)}; "

@@ -84,6 +84,14 @@ def parse_args(argv: list[str] | None):
         raise ConfigError(f"--evals must be at least 1, got {args.evals}.")
     if args.eval_epochs is not None and args.eval_epochs < 1:
         raise ConfigError(f"--eval-epochs must be at least 1, got {args.eval_epochs}.")
+    from mim4dd_fast.bounds import check_seed
+    from mim4dd_fast.rundir import check_output_dir, check_output_file
+
+    check_seed(args.seed, "--seed")
+    check_output_file(args.json, "--json")  # before any work: a bad path must not cost the finished results
+    check_output_file(args.csv, "--csv")
+    if args.profile is not None:
+        check_output_dir(args.profile, "--profile")
     args.method_list = names
     return args
 

@@ -2,7 +2,9 @@
 
 A *cell* is one setting of the swept parameters and one seed: distil, then evaluate on fresh nets.
 Finished cells are cached as JSON (atomically) under ``OUT/cells/`` keyed by a hash of everything that
-determines them, so an interrupted sweep resumes without recomputing them.
+determines them, so an interrupted sweep resumes without recomputing them. Each cell file carries its key
+and a checksum of its content (``read_cell`` checks both and the schema): a damaged or edited cell is
+named and computed again, never reported.
 """
 
 from __future__ import annotations
@@ -19,10 +21,7 @@ from typing import Any
 from .distributed import SINGLE, Dist, DistributedError
 from .errors import ConfigError
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+SWEEP_MARKER = ".mim4dd-ablation"  # written first into OUT: a folder without it is not ours to write in
 
 # parameter -> (kind, parser); kinds: "mim" settings, "method" base settings
 PARAMETERS = ("beta", "tau", "lambda", "head", "head_width", "critic", "noise_ratio", "layers", "n_real",
@@ -120,13 +119,9 @@ def parse_grid_args(items: list[str]) -> dict[str, list[str]]:
 
 def parse_grid_file(path: str | Path) -> dict[str, list[str]]:
     """A TOML file with a ``[grid]`` table: ``tau = [0.05, 0.1]``, ``beta = ["uniform", "geometric:0.5"]``."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"Grid file {path} does not exist.") from None
-    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"Grid file {path} is not valid TOML ({exc}).") from None
+    from .settings import read_toml
+
+    data = read_toml(path, what="Grid file")
     table = data.get("grid")
     if not isinstance(table, dict) or not table:
         raise ConfigError(f"Grid file {path} needs a non-empty [grid] table.")
@@ -171,6 +166,39 @@ def make_cells(grid: dict[str, list[str]], seeds: list[int], one_at_a_time: bool
 def cell_key(cell: Cell, base: dict[str, Any]) -> str:
     blob = json.dumps({"params": cell.params, "seed": cell.seed, "base": base}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _fraction(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+
+
+def read_cell(path: Path, key: str) -> dict[str, Any]:
+    """A cached cell: its checksum, its key and its schema verified; DataError naming the file otherwise."""
+    from .errors import DataError
+    from .rundir import read_checked_json
+
+    cell = read_checked_json(path, "Ablation cell")
+    accs, mi = cell.get("accuracies"), cell.get("mi_est")
+    ok = (cell.get("key") == key and isinstance(cell.get("params"), dict) and isinstance(cell.get("seed"), int)
+          and _fraction(cell.get("accuracy_mean")) and isinstance(accs, list) and accs and all(map(_fraction, accs))
+          and isinstance(mi, dict) and all(isinstance(v, (int, float)) for v in mi.values()))
+    if not ok:
+        raise DataError(f"Ablation cell {path} has the wrong content for its key (missing or out-of-range values).")
+    return cell
+
+
+def _cached(path: Path, key: str, warn) -> bool:
+    """True when the cell at ``path`` is cached and sound; a damaged one is named through ``warn`` (recomputed)."""
+    from .errors import DataError
+
+    if not path.exists():
+        return False
+    try:
+        read_cell(path, key)
+    except DataError as exc:
+        warn(f"{exc} It is computed again.")
+        return False
+    return True
 
 
 def cell_settings(cell: Cell, base: dict[str, Any]):
@@ -221,6 +249,7 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .io import atomic_write_json
+    from .rundir import with_checksum
     from .runner import load_run_dataset, resolve_experts
 
     experts_dir = out / "experts"
@@ -229,7 +258,12 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
     keys = [cell_key(c, base) for c in cells]
     # rank 0's view of the cache decides, so every rank splits the same list even if a fast rank
     # has already written a cell by the time a slow one looks
-    pending_idx = [i for i, k in enumerate(keys) if not (cache / f"{k}.json").exists()] if dist.is_main else None
+    def warn(message: str) -> None:
+        if console is not None:
+            console.print(f"warning: {message}")
+
+    pending_idx = [i for i, k in enumerate(keys) if not _cached(cache / f"{k}.json", k, warn)] \
+        if dist.is_main else None
     pending_idx = dist.broadcast_object(pending_idx, "agreeing on the pending sweep cells")
     if pending_idx and cell_settings(cells[0], base).choice.spec.needs_experts:
         for seed in sorted({cells[i].seed for i in pending_idx}):  # once, before cells race for them (collective)
@@ -249,7 +283,7 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
 
         def store(i: int, result: dict) -> None:
             result = {**result, "rank": dist.rank}  # which rank ran it (0 in a single-process sweep)
-            atomic_write_json(cache / f"{keys[i]}.json", result)
+            atomic_write_json(cache / f"{keys[i]}.json", with_checksum({**result, "key": keys[i]}))
             done[i] = result
             if progress is not None:
                 progress.update(task, advance=1, description=f"done: {cells[i].label()} seed {cells[i].seed}")
@@ -289,10 +323,10 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
             for i, result in part["results"].items():
                 path = cache / f"{keys[i]}.json"
                 if not path.exists():  # ranks on another filesystem: keep their cells for resuming here
-                    atomic_write_json(path, result)
+                    atomic_write_json(path, with_checksum({**result, "key": keys[i]}))
         if progress is not None:
             progress.update(task, completed=len(cells), description="ablation cells")
-    return [json.loads((cache / f"{k}.json").read_text()) for k in keys]
+    return [read_cell(cache / f"{k}.json", k) for k in keys]
 
 
 def summarise(results: list[dict]) -> list[dict]:

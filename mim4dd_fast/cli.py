@@ -1,20 +1,41 @@
 """`mim4dd-fast` command line: distill | experts | evaluate | show.
 
 Every user error (bad path, file, config, flag or hyperparameter) is printed as one sentence and the
-process exits with code 2; no traceback reaches the user.
+process exits with code 2; no traceback reaches the user. Nothing heavy is imported before
+``run_command`` is in charge, so a Ctrl-C in the first second is "interrupted." too.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-
-from rich.console import Console
 
 from .errors import OneSentenceParser, UserError, run_command
 
-console = Console(stderr=True)
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console()
+
+
+def _at_least(args: argparse.Namespace, *flags: str) -> None:
+    for flag in flags:
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}.")
+
+
+def _check_seed(args: argparse.Namespace) -> None:
+    from .bounds import check_seed
+
+    check_seed(args.seed, "--seed")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -54,9 +75,14 @@ def _join(args: argparse.Namespace, device: str):
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
+    from .bounds import check_data_memory
     from .data import load_dataset
     from .evaluation import EvalConfig, random_baseline
+    from .rundir import check_output_file
 
+    _at_least(args, "nets", "epochs", "image_size")
+    _check_seed(args)
+    check_output_file(args.json, "--json")
     if args.run_dir is not None:
         return _cmd_evaluate_run(args)
     if not args.random:
@@ -64,14 +90,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.ipc < 1:
         raise UserError(f"--ipc must be at least 1, got {args.ipc}.")
     device = _device(args.device)
+    check_data_memory(args.dataset, args.data_dir, args.image_size)
     dataset = load_dataset(args.dataset, args.data_dir, image_size=args.image_size, zca=args.zca, seed=args.seed)
     dataset.class_index.check_ipc(args.ipc)
     cfg = EvalConfig(epochs=args.epochs if args.epochs else EvalConfig.epochs, n_nets=args.nets)
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=_stderr(), transient=True) as progress:
         task = progress.add_task(f"random real, IPC {args.ipc}", total=cfg.n_nets)
         result = random_baseline(dataset, args.ipc, cfg, seed=args.seed, device=device,
                                  progress=lambda i, acc: progress.advance(task))
-    Console().print(
+    _stdout().print(
         f"random real subset, {args.dataset} IPC {args.ipc}: accuracy {100 * result['mean']:.2f}% "
         f"± {100 * result['std']:.2f}% over {cfg.n_nets} nets"
     )
@@ -86,9 +113,9 @@ _RUN_FLAGS = ("method", "dataset", "data_dir", "ipc", "iterations", "seed", "ima
               "eval_every", "checkpoint_every", "evals", "num_experts", "init")
 
 
-def _settings_from_args(args: argparse.Namespace):
-    """defaults < preset < --config file < explicit flags (only flags the user gave) < --set items."""
-    from .settings import parse_overrides, read_toml, resolve_settings
+def _layers_from_args(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """The layers the user gave: --config file, explicit flags (only those given), --set items."""
+    from .settings import parse_overrides, read_toml
 
     flags = {k: getattr(args, k) for k in _RUN_FLAGS if getattr(args, k, None) is not None}
     if args.zca:
@@ -99,24 +126,35 @@ def _settings_from_args(args: argparse.Namespace):
     if mim:
         flags["mim"] = mim
     file_layer = read_toml(args.config) if args.config else {}
-    _, settings = resolve_settings(file_layer, flags, parse_overrides(args.set), preset=args.preset)
+    return file_layer, flags, parse_overrides(args.set)
+
+
+def _settings_from_args(args: argparse.Namespace):
+    """defaults < preset < --config file < explicit flags (only flags the user gave) < --set items.
+
+    With --resume: the run's own config.toml < preset (if given) < --config < flags < --set, so repeating
+    the command that started the run changes nothing; production.distill refuses any change but the
+    safe keys (iterations, eval_every, ...), naming the keys.
+    """
+    from .settings import resolve_settings, settings_on
+
+    layers = _layers_from_args(args)
+    if args.resume:
+        from .production import load_settings_from_run
+
+        return settings_on(load_settings_from_run(args.out), *layers, preset=args.preset)
+    _, settings = resolve_settings(*layers, preset=args.preset)
     return settings
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from .production import Interrupted, distill, load_settings_from_run
+    from .production import Interrupted, distill
 
-    if args.resume:
-        settings = load_settings_from_run(args.out)
-        if args.iterations is not None:
-            if args.iterations < 1:
-                raise UserError(f"--iterations must be at least 1, got {args.iterations}.")
-            settings.run.iterations = args.iterations
-        if args.device is not None:
-            settings.run.device = args.device
-    else:
-        settings = _settings_from_args(args)
+    if str(args.out).strip() == "":
+        raise UserError("--out is empty; give the run directory's path.")
+    settings = _settings_from_args(args)
     dist, _ = _join(args, _device(settings.run.device))
+    console = _stderr()
     try:
         result = distill(settings, args.out, resume=args.resume, console=console, dist=dist)
     except Interrupted as exc:
@@ -126,44 +164,31 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         return 128 + exc.signum
     if not dist.is_main:
         return 0
-    Console().print(f"{settings.run.method} on {settings.run.dataset}, IPC {settings.run.ipc}: accuracy "
-                    f"{100 * result['mean']:.2f}% ± {100 * result['std']:.2f}% over {len(result['accuracies'])} nets; "
-                    f"run saved in {args.out} (picture: {args.out}/synthetic.png)")
+    _stdout().print(f"{settings.run.method} on {settings.run.dataset}, IPC {settings.run.ipc}: accuracy "
+                    f"{100 * result['mean']:.2f}% ± {100 * result['std']:.2f}% over {len(result['accuracies'])} "
+                    f"nets; run saved in {args.out} (picture: {args.out}/synthetic.png)")
     return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    """Print what can be read; name, in one closing sentence (exit 2), every file that cannot."""
     from pathlib import Path
 
     from rich.table import Table
 
+    from .rundir import inspect_run
+
     out = Path(args.run_dir)
-    if not (out / "config.toml").exists():
-        raise UserError(f"{out} is not a run directory (config.toml is missing).")
+    report = inspect_run(out)
     table = Table(title=f"run {out}")
     table.add_column("what")
     table.add_column("value")
-    from .settings import read_toml
-
-    cfg = read_toml(out / "config.toml")
-    for key in ("method", "dataset", "ipc", "iterations", "seed"):
-        table.add_row(key, str(cfg.get(key)))
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-        if lines:
-            last = lines[-1]
-            table.add_row("iterations done", str(last.get("iteration")))
-            for k, v in sorted(last.items()):
-                if k.startswith(("loss", "mim", "mi_est", "syn_lr")):
-                    table.add_row(f"last {k}", f"{v:.4g}")
-    if (out / "eval.json").exists():
-        ev = json.loads((out / "eval.json").read_text())
-        table.add_row("accuracy", f"{100 * ev['mean']:.2f}% ± {100 * ev['std']:.2f}% ({len(ev['accuracies'])} nets)")
-    table.add_row("complete", "yes" if (out / "manifest.json").exists() else "no (resume with --resume)")
-    if (out / "synthetic.png").exists():
-        table.add_row("picture", str(out / "synthetic.png"))
-    Console().print(table)
+    for what, value in report.rows:
+        table.add_row(what, value)
+    _stdout().print(table)
+    if report.problems:
+        more = f" (and {len(report.problems) - 1} more problem(s))" if len(report.problems) > 1 else ""
+        raise UserError(f"{report.problems[0]}{more}")
     return 0
 
 
@@ -172,27 +197,21 @@ def _cmd_evaluate_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .evaluation import evaluate_synthetic
-    from .io import load_tensors, sha256_file
     from .production import load_settings_from_run
+    from .rundir import read_manifest, read_synthetic
     from .runner import load_run_dataset, resolve_device
 
     out = Path(args.run_dir)
     settings = load_settings_from_run(out)
-    path = out / "synthetic.safetensors"
-    manifest = out / "manifest.json"
-    expected = None
-    if manifest.exists():
-        expected = json.loads(manifest.read_text()).get("files", {}).get("synthetic.safetensors")
-        if expected and sha256_file(path) != expected:
-            raise UserError(f"{path} is corrupted (its checksum does not match manifest.json).")
-    tensors = load_tensors(path)
+    tensors = read_synthetic(out, read_manifest(out))
     dataset = load_run_dataset(settings.run)
     cfg = dataclasses.replace(settings.eval, n_nets=args.nets, **({"epochs": args.epochs} if args.epochs else {}))
-    lr = float(tensors["syn_lr"][0]) if "syn_lr" in tensors else None
+    lr = float(tensors["syn_lr"].flatten()[0]) if "syn_lr" in tensors else None
     device = resolve_device(args.device)
     result = evaluate_synthetic(tensors["images"], tensors["labels"], dataset, cfg, seed=args.seed, device=device,
                                 lr=lr)
-    Console().print(f"{out}: accuracy {100 * result['mean']:.2f}% ± {100 * result['std']:.2f}% over {args.nets} nets")
+    _stdout().print(f"{out}: accuracy {100 * result['mean']:.2f}% ± {100 * result['std']:.2f}% over {args.nets} "
+                    "nets")
     if args.json:
         from .io import atomic_write_json
 
@@ -200,24 +219,50 @@ def _cmd_evaluate_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_experts_out(path: str) -> None:
+    """--out of `experts` is new, empty or an expert directory (manifest.json of experts, or pending/)."""
+    from pathlib import Path
+
+    from .experts import MANIFEST, PENDING, _read_manifest
+    from .rundir import check_output_dir
+
+    out = check_output_dir(path, "--out")
+    if not out.is_dir():
+        return
+    entries = [p.name for p in out.iterdir()]
+    if not entries:
+        return
+    if (out / MANIFEST).is_file():
+        _read_manifest(out)  # an expert manifest, or one sentence saying what is wrong with it
+        return
+    if set(entries) <= {PENDING} or all(n.startswith("expert_") or n == PENDING for n in entries):
+        return
+    raise UserError(f"--out {Path(path)} already exists and holds files that are not expert trajectories "
+                    f"({', '.join(sorted(entries)[:3])}{', ...' if len(entries) > 3 else ''}); choose a new or "
+                    "empty folder.")
+
+
 def _cmd_experts(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
+    from .bounds import check_data_memory, check_memory, expert_needs
     from .data import load_dataset
     from .experts import train_experts
-
-    for flag in ("num_experts", "epochs", "batch_size", "width"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
-    if not args.lr > 0 or args.lr != args.lr or args.lr == float("inf"):
-        raise UserError(f"--lr must be a positive finite number, got {args.lr}.")
-    dist, device = _join(args, _device(args.device))  # under torchrun the ranks split the experts
-    dataset = load_dataset(args.dataset, args.data_dir, image_size=args.image_size, zca=args.zca, seed=args.seed)
     from .models import default_depth
 
+    _at_least(args, "num_experts", "epochs", "batch_size", "width", "depth", "image_size")
+    if not args.lr > 0 or args.lr != args.lr or args.lr == float("inf"):
+        raise UserError(f"--lr must be a positive finite number, got {args.lr}.")
+    _check_seed(args)
+    _check_experts_out(args.out)
+    dist, device = _join(args, _device(args.device))  # under torchrun the ranks split the experts
+    check_data_memory(args.dataset, args.data_dir, args.image_size)
+    dataset = load_dataset(args.dataset, args.data_dir, image_size=args.image_size, zca=args.zca, seed=args.seed)
     model_kwargs = {"width": args.width, "depth": args.depth or default_depth(dataset.image_size)}
+    check_memory(expert_needs(dataset, num_experts=args.num_experts, epochs=args.epochs, batch_size=args.batch_size,
+                              model_kwargs=model_kwargs), str(device), "lower --width, --batch-size or --epochs")
     share = f" (rank 0 of {dist.world_size}, its own share)" if dist.enabled else ""
-    with Progress(console=console, disable=not dist.is_main) as progress:  # only rank 0 draws
+    with Progress(console=_stderr(), disable=not dist.is_main) as progress:  # only rank 0 draws
         task = progress.add_task(f"experts{share}", total=None if dist.enabled else args.num_experts * args.epochs)
 
         def report(k: int, epoch: int, epochs: int) -> None:
@@ -231,7 +276,7 @@ def _cmd_experts(args: argparse.Namespace) -> int:
                               model_kwargs=model_kwargs, device=device, progress=report, dist=dist)
     if dist.is_main:
         ranks = f" ({dist.world_size} ranks)" if dist.enabled else ""
-        Console().print(f"{len(paths)} expert trajectories ({args.epochs} epochs each) in {args.out}{ranks}")
+        _stdout().print(f"{len(paths)} expert trajectories ({args.epochs} epochs each) in {args.out}{ranks}")
     return 0
 
 

@@ -41,27 +41,65 @@ class OneSentenceParser(argparse.ArgumentParser):
         raise FlagError(message[0].upper() + message[1:] + ("" if message.endswith(".") else "."))
 
 
+def _one_line(message: str, limit: int = 2000) -> str:
+    """The message on one line, with any over-long value cut (a 50 MB setting must not print 50 MB)."""
+    import re
+
+    message = " ".join(str(message).split())
+    message = re.sub(r"\S{201,}", lambda m: f"{m.group(0)[:60]}...({len(m.group(0))} characters)", message)
+    return message if len(message) <= limit else message[:limit] + "..."
+
+
+def _rank_prefix() -> str:
+    # never import torch here: this runs when an import was interrupted (Ctrl-C in the first second)
+    dist = sys.modules.get("mim4dd_fast.distributed")
+    return dist.rank_prefix() if dist is not None and hasattr(dist, "rank_prefix") else ""
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc)))
+
+
 def run_command(body: Callable[[], int | None], *, interrupted: str = "interrupted.") -> int:
     """Run a command-line entry point and turn its failures into one line and an exit code.
 
-    UserError (bad path, file, setting, flag): "error: <sentence>", exit 2. DistributedError (another rank
-    failed): exit 1. Ctrl-C: ``interrupted``, exit 130. ``--help`` exits 0. Under torchrun every line
+    UserError (bad path, file, setting, flag): "error: <sentence>", exit 2; a full disk or exhausted
+    memory: one sentence, exit 2. DistributedError (another rank failed): exit 1. Ctrl-C (also during the
+    imports of the first second): ``interrupted``, exit 130. ``--help`` exits 0. Under torchrun every line
     starts with the rank, and the process group is shut down on the way out.
     """
-    from .distributed import DistributedError, rank_prefix, shutdown
+    import errno
 
     try:
         return int(body() or 0)
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 2
     except UserError as exc:
-        print(f"{rank_prefix()}error: {exc}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
-    except DistributedError as exc:
-        print(f"{rank_prefix()}error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print(f"{rank_prefix()}{interrupted}", file=sys.stderr)
+        print(f"{_rank_prefix()}{interrupted}", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        print(f"{_rank_prefix()}error: {_one_line(exc.strerror or str(exc))}{where}; free some space and run the "
+              "command again (a run directory continues with --resume; nothing written before is lost).",
+              file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if _out_of_memory(exc):
+            print(f"{_rank_prefix()}error: out of memory ({_one_line(str(exc), 300)}); lower the sizes of the run "
+                  "(image size, widths, batch sizes, syn_steps).", file=sys.stderr)
+            return 2
+        dist = sys.modules.get("mim4dd_fast.distributed")
+        if dist is not None and isinstance(exc, getattr(dist, "DistributedError", ())):
+            print(f"{_rank_prefix()}error: {_one_line(str(exc))}", file=sys.stderr)
+            return 1
+        raise
     finally:
-        shutdown()
+        dist = sys.modules.get("mim4dd_fast.distributed")
+        if dist is not None and hasattr(dist, "shutdown"):
+            dist.shutdown()

@@ -22,7 +22,7 @@ from .augment import dsa as dsa_augment
 from .config import Validated, require
 from .data import Dataset
 from .distributed import SINGLE, Dist
-from .errors import DataError
+from .errors import DataError, NonFiniteError
 from .models import build_model
 
 TEST_BATCH = 1024  # images per no_grad forward at test time (memory only; results do not depend on it)
@@ -139,6 +139,10 @@ def train_net(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):  # else it would "score" chance level
+        source = "[eval] lr" if lr is None else "the learning rate the method learned (syn_lr)"
+        raise NonFiniteError(f"An evaluation net diverged: its weights became NaN/Inf training with {source} = "
+                             f"{base_lr:g}; lower it (the protocol's default is {EvalConfig.lr:g}).")
     return net.eval()
 
 

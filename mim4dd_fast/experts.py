@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .bounds import check_seed
 from .data import Dataset
 from .distributed import SINGLE, Dist
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, NonFiniteError
 from .io import atomic_write_json, check_writable_dir, load_tensors, save_tensors, sha256_file
 from .models import build_model, flatten_params
 
@@ -109,11 +111,25 @@ def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
 
 def _verify(out_dir: Path, name: str, sha: str) -> Path:
     path = out_dir / name
-    if not path.exists():
-        raise DataError(f"Expert file {path} listed in the manifest is missing; delete the directory and rebuild.")
+    if not path.is_file():
+        raise DataError(f"Expert file {path} listed in {out_dir / MANIFEST} is missing; rerun `mim4dd-fast experts` "
+                        "(or the run) with the same settings and folder to train it again.")
     if sha256_file(path) != sha:
-        raise DataError(f"Expert file {path} is corrupted (checksum mismatch); delete it and rerun to rebuild it.")
+        raise DataError(f"Expert file {path} is corrupted (its checksum does not match {MANIFEST}); delete it and "
+                        "rerun with the same settings and folder to train it again.")
     return path
+
+
+def _read_trajectory(out_dir: Path, name: str, sha: str) -> Tensor:
+    """One expert's [epochs + 1, P] trajectory: checksum, shape and finite values verified."""
+    path = _verify(out_dir, name, sha)
+    traj = load_tensors(path, expected_sha256=sha).get("trajectory")
+    if traj is None or traj.dim() != 2 or not traj.dtype.is_floating_point:
+        raise DataError(f"Expert file {path} holds no [epochs + 1, P] float trajectory.")
+    if not bool(torch.isfinite(traj).all()):
+        raise DataError(f"Expert file {path} holds NaN/Inf parameters (its training diverged); delete it and rerun "
+                        "with a lower expert learning rate.")
+    return traj
 
 
 def _train_one(dataset: Dataset, k: int, *, epochs: int, seed: int, lr: float, batch_size: int, dsa: bool,
@@ -143,6 +159,9 @@ def _train_one(dataset: Dataset, k: int, *, epochs: int, seed: int, lr: float, b
             loss.backward()
             opt.step()
         snapshots.append(flatten_params(model).cpu())
+        if not bool(torch.isfinite(snapshots[-1]).all()):  # never save a diverged trajectory
+            raise NonFiniteError(f"Expert {k} diverged in epoch {e + 1} (its parameters became NaN/Inf) with learning "
+                                 f"rate {lr:g}; lower it (--lr; 0.01 is MTT's) and rerun: finished experts are kept.")
         if progress is not None and e + 1 < epochs:
             progress(k, e + 1, epochs)
     return torch.stack(snapshots)
@@ -217,8 +236,13 @@ def _train_experts(dataset: Dataset, out_dir: str | Path, *, num_experts: int, e
                    progress: Progress | None, dist: Dist) -> tuple[list[Path], dict[str, Any]]:
     if num_experts < 1 or epochs < 1:
         raise ConfigError(f"num_experts and epochs must be at least 1, got {num_experts} and {epochs}.")
-    if batch_size < 1 or not lr > 0:
-        raise ConfigError(f"Expert batch size must be >= 1 and lr > 0, got {batch_size} and {lr}.")
+    if batch_size < 1 or not lr > 0 or not math.isfinite(lr):
+        raise ConfigError(f"Expert batch size must be >= 1 and lr a positive finite number, got {batch_size} and {lr}.")
+    for key in ("width", "depth"):
+        value = (model_kwargs or {}).get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"Expert network {key} must be an integer of at least 1, got {value!r}.")
+    check_seed(seed)
     out_dir = Path(out_dir)
     model_kwargs = dict(model_kwargs or {})
     settings = expert_settings(dataset, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, dsa=dsa,
@@ -239,6 +263,9 @@ def _train_experts(dataset: Dataset, out_dir: str | Path, *, num_experts: int, e
         adopted = _adopt_pending(out_dir, manifest, key)
         for name in names:
             if name in manifest["experts"]:
+                if not (out_dir / name).exists():  # deleted (e.g. after "delete it and rerun"): train it again
+                    del manifest["experts"][name]
+                    continue
                 _verify(out_dir, name, manifest["experts"][name])
         if manifest["experts"] != before:
             manifest["num_experts"] = len(manifest["experts"])
@@ -331,14 +358,7 @@ def load_experts(out_dir: str | Path, expected_settings: str | dict[str, Any] | 
                 raise DataError(f"Experts in {out_dir} have {field} = {manifest.get(field)!r}, expected {want!r}.")
     if not manifest["experts"]:
         raise DataError(f"The expert manifest in {out_dir} lists no experts.")
-    trajectories = []
-    for name in sorted(manifest["experts"]):
-        tensors = load_tensors(out_dir / name, expected_sha256=manifest["experts"][name])
-        traj = tensors.get("trajectory")
-        if traj is None or traj.dim() != 2:
-            raise DataError(f"Expert file {out_dir / name} holds no [epochs + 1, P] trajectory.")
-        trajectories.append(traj)
-    return trajectories
+    return [_read_trajectory(out_dir, name, manifest["experts"][name]) for name in sorted(manifest["experts"])]
 
 
 def ensure_experts(
@@ -368,4 +388,4 @@ def ensure_experts(
     paths, manifest = _train_experts(dataset, out_dir, num_experts=num_experts, epochs=epochs, seed=seed, lr=lr,
                                      batch_size=batch_size, dsa=dsa, model_kwargs=model_kwargs, device=device,
                                      progress=progress, dist=dist)
-    return [load_tensors(p, expected_sha256=manifest["experts"][p.name])["trajectory"] for p in paths]
+    return [_read_trajectory(out_dir, p.name, manifest["experts"][p.name]) for p in paths]

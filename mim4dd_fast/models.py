@@ -45,8 +45,11 @@ class ConvNet(nn.Module):
             raise ConfigError("ConvNet width, channels and num_classes must all be at least 1.")
         depth = default_depth(image_size) if depth is None else depth
         size = 32 if image_size == 28 else image_size
-        if depth < 1 or size // (2**depth) < 1:
-            raise ConfigError(f"ConvNet depth {depth} is too deep for {image_size}x{image_size} inputs.")
+        if depth < 1:
+            raise ConfigError(f"ConvNet depth must be at least 1, got {depth}.")
+        if size // (2**depth) < 1:
+            raise ConfigError(f"ConvNet depth {depth} is too deep for {image_size}x{image_size} inputs (each block "
+                              f"halves the side; at most {int(math.log2(size))} blocks fit).")
         if norm not in ("instancenorm", "none"):
             raise ConfigError(f"Unknown norm {norm!r}; choose 'instancenorm' or 'none'.")
         self.channels, self.num_classes, self.image_size = channels, num_classes, image_size

@@ -37,8 +37,10 @@ def default_experts_cache() -> Path:
 
 
 def load_run_dataset(run):
+    from .bounds import check_data_memory
     from .data import load_dataset
 
+    check_data_memory(run.dataset, run.data_dir or None, run.image_size or None)  # before allocating it
     return load_dataset(run.dataset, run.data_dir or None, image_size=run.image_size or None, zca=run.zca,
                         seed=run.seed)
 
@@ -102,6 +104,7 @@ def build_run(settings: Settings, *, dataset=None, device: str | None = None, ex
     (default: the shared cache, ``default_experts_cache()``). ``device`` defaults to the settings'
     (``auto``: CUDA when present; under torchrun each rank its own GPU).
     """
+    from .bounds import check_run_memory
     from .distributed import rank_device
     from .methods.registry import build_method
 
@@ -111,6 +114,7 @@ def build_run(settings: Settings, *, dataset=None, device: str | None = None, ex
     if dataset is None:
         dataset = load_run_dataset(run)
     dataset.class_index.check_ipc(run.ipc)
+    check_run_memory(settings, dataset, device)  # refused up front, not by an allocation traceback
     if experts is None:
         experts = resolve_experts(settings, dataset, experts_dir or default_experts_cache(), device, progress, dist)
     method = build_method(run.method, dataset, run.ipc, config=settings.method_config, mim=settings.mim,

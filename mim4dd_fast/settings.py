@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .bounds import check_float32, check_seed, short
 from .config import Validated, from_mapping, require, to_mapping
 from .errors import ConfigError
 
@@ -52,7 +53,7 @@ class RunSettings(Validated):
         require(self.num_experts >= 1, f"num_experts must be at least 1, got {self.num_experts}.")
         require(self.expert_epochs >= 0, f"expert_epochs must be 0 or positive, got {self.expert_epochs}.")
         require(self.init in ("real", "noise"), f"init must be 'real' or 'noise', got {self.init!r}.")
-        require(self.seed >= 0, f"seed must be non-negative, got {self.seed}.")
+        check_seed(self.seed)
 
 
 @dataclass
@@ -87,26 +88,56 @@ class Settings:
 TABLES = ("method_config", "mim", "eval")
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML settings file; a missing or malformed file is one clear sentence."""
+TOML_MAX_BYTES = 1 << 20  # a settings file is a few hundred bytes; anything this large is not one
+TOML_MAX_DEPTH = 6  # tables, lists and inline tables nested deeper than any setting needs
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def read_toml(path: str | Path, what: str = "Config file") -> dict[str, Any]:
+    """Parse a TOML settings file; a missing, malformed, huge or deeply nested file is one clear sentence."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            data = f.read(TOML_MAX_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(f"Config file {path} does not exist.") from None
+        raise ConfigError(f"{what} {path} does not exist.") from None
     except IsADirectoryError:
-        raise ConfigError(f"Config file {path} is a directory, not a TOML file.") from None
+        raise ConfigError(f"{what} {path} is a directory, not a TOML file.") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read ({exc.strerror or exc}).") from None
+    if len(data) > TOML_MAX_BYTES:
+        raise ConfigError(f"{what} {path} is larger than {TOML_MAX_BYTES // 1024} KiB; a settings file is a few "
+                          "hundred bytes, so this is not one.")
+    try:
+        parsed = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text.") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"Config file {path} is not valid TOML ({exc}).") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"Config file {path} cannot be read ({exc}).") from None
+        raise ConfigError(f"{what} {path} is not valid TOML ({_short(str(exc), 200)}).") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path} nests tables or lists too deeply.") from None
+    if _depth(parsed) > TOML_MAX_DEPTH:
+        raise ConfigError(f"{what} {path} nests tables or lists deeper than {TOML_MAX_DEPTH} levels; no setting "
+                          "needs that.")
+    return parsed
 
 
 def _check_finite(mapping: dict[str, Any], where: str) -> None:
+    """Every number finite and representable in float32 (the precision of every tensor)."""
     for key, value in mapping.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"Setting {where}{key} must be a finite number, got {value}.")
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float):
+                if not math.isfinite(v):
+                    raise ConfigError(f"Setting {where}{key} must be a finite number, got {v}.")
+                check_float32(v, f"{where}{key}")
         if isinstance(value, dict):
             _check_finite(value, f"{where}{key}.")
 
@@ -200,7 +231,7 @@ def parse_overrides(items: list[str], method: str | None = None, methods: list[s
 
 
 def _short(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
+    return short(text, limit)
 
 
 def resolve_settings(*layers: dict[str, Any], preset: str | None = None) -> tuple[str | None, Settings]:
@@ -224,3 +255,27 @@ def preset_layer(name: str) -> dict[str, Any]:
     from .presets import load_preset
 
     return load_preset(name)
+
+
+def settings_on(base: Settings, *layers: dict[str, Any], preset: str | None = None) -> Settings:
+    """``base`` (a run's own settings) with ``layers`` on top, and a named preset's layer beneath them.
+
+    Used on resume: repeating the command that started a run gives back exactly its settings. When the
+    layers name another method, the base's method tables are dropped (they belong to the old method) so
+    the settings still build and the caller can name every key that differs.
+    """
+    merged = merge_layers(*layers)
+    base_layer = base.to_toml_dict()
+    method = merged.get("method")
+    if isinstance(method, str):
+        from .methods.registry import resolve
+
+        if resolve(method) != base.choice:
+            base_layer = {k: v for k, v in base_layer.items() if k not in TABLES}
+    under = []
+    if preset is not None:
+        from .presets import preset_layer_for
+
+        scalars = {k: v for k, v in merge_layers(base_layer, merged).items() if k not in TABLES}
+        under.append(preset_layer_for(preset, run_choice(from_mapping(RunSettings, scalars, what="run setting"))))
+    return build_settings(merge_layers(base_layer, *under, merged))

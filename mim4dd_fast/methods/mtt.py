@@ -250,7 +250,10 @@ class MTT(DistillMethod):
         n_params = sum(p.numel() for p in self.model.parameters())
         need = epochs_needed(self.config)
         for traj in experts:
-            if traj.dim() != 2 or traj.shape[1] != n_params:
+            if traj.dim() != 2:
+                raise ConfigError(f"Expert trajectories must be [epochs + 1, parameters] matrices, got shape "
+                                  f"{list(traj.shape)}; use experts written by mim4dd-fast experts.")
+            if traj.shape[1] != n_params:
                 raise ConfigError(
                     f"Expert trajectories hold {traj.shape[-1]} parameters but a ConvNet of width {kwargs['width']} "
                     f"and depth {kwargs['depth']} has {n_params}; use experts trained with the same model."
