@@ -260,7 +260,7 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
     # has already written a cell by the time a slow one looks
     def warn(message: str) -> None:
         if console is not None:
-            console.print(f"warning: {message}")
+            console.print(f"warning: {message}", soft_wrap=True)
 
     pending_idx = [i for i, k in enumerate(keys) if not _cached(cache / f"{k}.json", k, warn)] \
         if dist.is_main else None

@@ -61,6 +61,50 @@ def _out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc)))
 
 
+def _importing() -> bool:
+    """True while some module is being imported (its spec is marked ``_initializing`` by importlib)."""
+    return any(getattr(getattr(m, "__spec__", None), "_initializing", False) for m in list(sys.modules.values()))
+
+
+class _CtrlC:
+    """SIGINT handler: KeyboardInterrupt as usual, except in the middle of an import.
+
+    A KeyboardInterrupt inside a C extension's import (numpy under torch) can be swallowed by a bare
+    ``except`` and leave a half-imported module behind, which then fails with an unrelated traceback.
+    So while an import runs, the interrupt waits (a 50 ms timer looks again) and is raised after it.
+    """
+
+    def __init__(self) -> None:
+        import signal
+
+        self.signal = signal
+        self.previous_alarm = None
+
+    def __call__(self, signum, frame) -> None:
+        if not _importing():
+            raise KeyboardInterrupt
+        if self.previous_alarm is None:
+            self.previous_alarm = self.signal.signal(self.signal.SIGALRM, self)
+        self.signal.setitimer(self.signal.ITIMER_REAL, 0.05)
+
+    def install(self):
+        try:
+            return self.signal.signal(self.signal.SIGINT, self)
+        except (ValueError, OSError):  # not the main thread: leave Python's own handler
+            return None
+
+    def restore(self, previous) -> None:
+        if previous is None:
+            return
+        try:
+            self.signal.setitimer(self.signal.ITIMER_REAL, 0)
+            if self.previous_alarm is not None:
+                self.signal.signal(self.signal.SIGALRM, self.previous_alarm)
+            self.signal.signal(self.signal.SIGINT, previous)
+        except (ValueError, OSError):
+            pass
+
+
 def run_command(body: Callable[[], int | None], *, interrupted: str = "interrupted.") -> int:
     """Run a command-line entry point and turn its failures into one line and an exit code.
 
@@ -71,6 +115,8 @@ def run_command(body: Callable[[], int | None], *, interrupted: str = "interrupt
     """
     import errno
 
+    ctrl_c = _CtrlC()
+    previous = ctrl_c.install()
     try:
         return int(body() or 0)
     except SystemExit as exc:  # --help / --version
@@ -100,6 +146,7 @@ def run_command(body: Callable[[], int | None], *, interrupted: str = "interrupt
             return 1
         raise
     finally:
+        ctrl_c.restore(previous)
         dist = sys.modules.get("mim4dd_fast.distributed")
         if dist is not None and hasattr(dist, "shutdown"):
             dist.shutdown()

@@ -394,7 +394,7 @@ def distill(settings: Settings, out: str | Path, *, resume: bool = False, consol
         settings = opened.settings
         if dist.is_main:
             for note in opened.notes:
-                console.print(f"note: {note}")
+                console.print(f"note: {note}", soft_wrap=True)
         run = settings.run
         dataset = load_run_dataset(run)
         dataset.class_index.check_ipc(run.ipc)  # bad data or IPC: refused before the directory is touched
@@ -487,7 +487,5 @@ def load_settings_from_run(out: str | Path) -> Settings:
     """The run's settings (config.toml, checked against the marker); one sentence naming a bad file."""
     out = Path(out)
     if not (out / MARKER).is_file():
-        if (out / "config.toml").exists():
-            raise UserError(f"{out} is not a mim4dd-fast run directory (no {MARKER} marker).")
-        raise UserError(f"{out} is not a run directory (config.toml is missing).")
+        raise UserError(f"{out} is not a mim4dd-fast run directory (no {MARKER} marker).")
     return read_config(out)
