@@ -57,3 +57,53 @@ def last_error_line(captured) -> str:
     assert lines and lines[-1].startswith("error: "), err
     assert sum(line.startswith("error: ") for line in lines) == 1, err
     return lines[-1][len("error: "):]
+
+
+def killed_child(argv: list[str], mode: str, k: int) -> None:
+    """Run the CLI and SIGKILL this very process at a chosen point (for the crash-and-resume test):
+    ``replace``: just before the k-th atomic rename (the temp file is written, the target not yet replaced);
+    ``append``: in the k-th metrics append, after half the line reached the disk; ``none``: not at all."""
+    import os
+    import signal
+    import sys
+
+    import torch
+
+    torch.set_num_threads(1)
+    calls = [0]
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if mode == "replace":
+        real_replace = os.replace
+
+        def replace(src, dst):
+            calls[0] += 1
+            if calls[0] == k:
+                die()
+            return real_replace(src, dst)
+
+        os.replace = replace
+    elif mode == "append":
+        import json
+
+        from mim4dd_fast import production
+
+        real_append = production._append_jsonl
+
+        def append(path, record):
+            calls[0] += 1
+            if calls[0] == k:
+                line = json.dumps(record, sort_keys=True)
+                with open(path, "a") as f:
+                    f.write(line[: len(line) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                die()
+            real_append(path, record)
+
+        production._append_jsonl = append
+    from mim4dd_fast.cli import main
+
+    sys.exit(main(argv))
