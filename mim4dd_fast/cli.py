@@ -223,6 +223,7 @@ def _check_experts_out(path: str) -> None:
     """--out of `experts` is new, empty or an expert directory (manifest.json of experts, or pending/)."""
     from pathlib import Path
 
+    from .errors import DataError
     from .experts import MANIFEST, PENDING, _read_manifest
     from .rundir import check_output_dir
 
@@ -233,8 +234,13 @@ def _check_experts_out(path: str) -> None:
     if not entries:
         return
     if (out / MANIFEST).is_file():
-        _read_manifest(out)  # an expert manifest, or one sentence saying what is wrong with it
-        return
+        try:
+            _read_manifest(out)
+            return  # an expert directory: finished or extended in place
+        except DataError:
+            if any(n.startswith("expert_") for n in entries):
+                raise  # our damaged manifest: its own sentence says what to do
+            # else someone else's manifest.json: not ours to overwrite
     if set(entries) <= {PENDING} or all(n.startswith("expert_") or n == PENDING for n in entries):
         return
     raise UserError(f"--out {Path(path)} already exists and holds files that are not expert trajectories "

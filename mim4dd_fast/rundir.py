@@ -141,7 +141,7 @@ def is_run(out: Path) -> bool:
 def check_run_target(out: str | os.PathLike, resume: bool, marker: str = MARKER, kind: str = "run") -> Path:
     """Where a run (or a sweep: ``marker``/``kind``) may go; touches nothing.
 
-    Fresh: a new or empty folder, or one of ours that never got its settings written. Resume: one of ours.
+    Fresh: a new or empty folder, or one of ours that never wrote a checkpoint. Resume: one of ours.
     Anything else, in particular a folder holding someone's files, is refused.
     """
     if str(out).strip() == "":
@@ -165,11 +165,18 @@ def check_run_target(out: str | os.PathLike, resume: bool, marker: str = MARKER,
         raise UserError(f"--out {out} already exists and holds files that are not a mim4dd-fast {kind} "
                         f"({', '.join(sorted(entries)[:3])}{', ...' if len(entries) > 3 else ''}); choose a new or "
                         "empty folder.")
-    if ours and kind == "run" and (out / "config.toml").exists():
+    if ours and kind == "run" and _has_progress(out):
         raise UserError(f"Run directory {out} already holds a run; pass --resume to continue it or choose another "
                         "directory.")
     check_output_dir(out, "--out")
     return out
+
+
+def _has_progress(out: Path) -> bool:
+    """A checkpoint or a manifest: the run got going (a run that failed before its first checkpoint, e.g. on a
+    bad setting found while building it, may be started again in place)."""
+    checkpoints = out / "checkpoints"
+    return (out / "manifest.json").exists() or (checkpoints.is_dir() and any(checkpoints.glob("ckpt-*.json")))
 
 
 def _proc_start(pid: int) -> str | None:

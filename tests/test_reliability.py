@@ -560,3 +560,23 @@ def test_marker_and_config_checksum(run, capsys):
     assert "config.toml was modified" in error_line(capsys.readouterr())
     assert snapshot(run) == before
     assert (run / MARKER).exists()
+
+
+def test_experts_out_of_someone_else_is_refused(tmp_path, capsys):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "manifest.json").write_text('{"mine": true}')
+    (theirs / "notes.txt").write_text("mine")
+    before = snapshot(theirs)
+    assert main(["experts", "--epochs", "1", "--num-experts", "1", "--out", str(theirs)]) == 2
+    assert "not expert trajectories" in error_line(capsys.readouterr())
+    assert snapshot(theirs) == before
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again(tmp_path, capsys):
+    out = tmp_path / "run"
+    bad = write_config(tmp_path, TINY.replace('"dm"', '"dm+mim"') + "[mim]\nn_real = 1000\n", "bad.toml")
+    assert main(["distill", "--config", str(bad), "--out", str(out)]) == 2  # found while building the run
+    assert "n_real" in last_error_line(capsys.readouterr())
+    assert (out / MARKER).exists() and not (out / "checkpoints").exists()  # claimed, never got going
+    assert main(["distill", "--config", str(write_config(tmp_path)), "--out", str(out)]) == 0
