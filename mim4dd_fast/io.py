@@ -114,6 +114,24 @@ def load_torch_weights_only(path: str | os.PathLike) -> Any:
         raise DataError(f"File {path} was refused: it is not a plain-tensor file ({type(exc).__name__}).") from None
 
 
+def read_limited(path: str | os.PathLike, what: str, limit: int, error: type[Exception] = DataError) -> bytes:
+    """The bytes of a small file we (or the user) wrote; missing, a folder, unreadable or over ``limit`` bytes
+    is one sentence naming it (``error``), and a huge file is never read into memory."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist.") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a folder, not a file.") from None
+    except OSError as exc:
+        raise error(f"{what} {path} cannot be read ({exc.strerror or exc}).") from None
+    if len(data) > limit:
+        raise error(f"{what} {path} is larger than {limit >> 10} KiB, far larger than any of its kind.")
+    return data
+
+
 def check_writable_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` if needed and prove it is writable (before any long work starts)."""
     path = Path(path)

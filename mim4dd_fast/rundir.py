@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, UserError
-from .io import atomic_write_json, load_tensors, sha256_bytes, sha256_file
+from .io import atomic_write_json, load_tensors, read_limited, sha256_bytes, sha256_file
 
 MARKER = ".mim4dd-run"
 LOCK = ".mim4dd-run.lock"
@@ -54,18 +54,9 @@ def with_checksum(obj: dict[str, Any]) -> dict[str, Any]:
 def read_json(path: Path, what: str) -> Any:
     """A JSON file's value; a missing file, a folder, bad bytes or bad JSON is one sentence naming it."""
     try:
-        if path.is_dir():
-            raise DataError(f"{what} {path} is a folder, not a file.")
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise DataError(f"{what} {path} is {size >> 20} MiB; ours are kilobytes, so it is not one of ours.")
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{what} {path} is missing.") from None
+        text = read_limited(path, what, MAX_JSON_BYTES).decode("utf-8")
     except UnicodeDecodeError:
         raise DataError(f"{what} {path} is not UTF-8 text.") from None
-    except OSError as exc:
-        raise DataError(f"{what} {path} cannot be read ({exc.strerror or exc}).") from None
     try:
         return json.loads(text)
     except (ValueError, RecursionError):

@@ -15,6 +15,7 @@ from typing import Any
 from .bounds import check_float32, check_seed, short
 from .config import Validated, from_mapping, require, to_mapping
 from .errors import ConfigError
+from .io import read_limited
 
 try:
     import tomllib
@@ -103,18 +104,7 @@ def _depth(value: Any) -> int:
 def read_toml(path: str | Path, what: str = "Config file") -> dict[str, Any]:
     """Parse a TOML settings file; a missing, malformed, huge or deeply nested file is one clear sentence."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(TOML_MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist.") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{what} {path} is a directory, not a TOML file.") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} {path} cannot be read ({exc.strerror or exc}).") from None
-    if len(data) > TOML_MAX_BYTES:
-        raise ConfigError(f"{what} {path} is larger than {TOML_MAX_BYTES // 1024} KiB; a settings file is a few "
-                          "hundred bytes, so this is not one.")
+    data = read_limited(path, what, TOML_MAX_BYTES, ConfigError)
     try:
         parsed = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:

@@ -27,6 +27,16 @@ def write_config(folder: Path, text: str = TINY, name: str = "tiny.toml") -> Pat
     return path
 
 
+def finished_run(tmp_path_factory, text: str = TINY) -> Path:
+    """A run of ``text`` distilled to the end in a fresh temporary folder (for module-scoped fixtures)."""
+    from mim4dd_fast.cli import main
+
+    tmp = tmp_path_factory.mktemp("finished")
+    out = tmp / "run"
+    assert main(["distill", "--config", str(write_config(tmp, text)), "--out", str(out)]) == 0
+    return out
+
+
 def snapshot(folder: Path) -> dict[str, bytes | None]:
     """Every entry under ``folder``: file bytes, None for a folder (a missing folder is empty)."""
     if not folder.exists():

@@ -55,10 +55,9 @@ def _images(run: Path) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("ref")
-    out = tmp / "run"
-    assert main(["distill", "--config", str(_config(tmp)), "--out", str(out)]) == 0
-    return out
+    from reliability_helpers import finished_run
+
+    return finished_run(tmp_path_factory, TINY)
 
 
 def test_run_directory_holds_everything(reference_run: Path):

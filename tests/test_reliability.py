@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_helpers import TINY, copy_run, error_line, last_error_line, snapshot, write_config
+from reliability_helpers import TINY, copy_run, error_line, finished_run, last_error_line, snapshot, write_config
 
 from mim4dd_fast import checkpoint as ckpt
 from mim4dd_fast.cli import main
@@ -25,10 +25,7 @@ from mim4dd_fast.rundir import LOCK, MARKER, RunLock, read_config, read_marker, 
 @pytest.fixture(scope="module")
 def complete(tmp_path_factory, one_thread) -> Path:
     """A finished tiny run (checkpoints 2 and 3 on disk); tests copy it before changing anything."""
-    tmp = tmp_path_factory.mktemp("complete")
-    out = tmp / "run"
-    assert main(["distill", "--config", str(write_config(tmp)), "--out", str(out)]) == 0
-    return out
+    return finished_run(tmp_path_factory)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_helpers import snapshot, write_config
+from reliability_helpers import finished_run, snapshot, write_config
 
 from mim4dd_fast.cli import main
 from mim4dd_fast.rundir import LOCK, MARKER
@@ -61,10 +61,7 @@ def _damage(run: Path, name: str, kind: str, payload) -> None:
 
 @pytest.fixture(scope="module")
 def complete(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("complete")
-    out = tmp / "run"
-    assert main(["distill", "--config", str(write_config(tmp)), "--out", str(out)]) == 0
-    return out
+    return finished_run(tmp_path_factory)
 
 
 def _refused(capsys, named: str | None = None) -> None:
