@@ -202,6 +202,9 @@ def _cmd_evaluate_run(args: argparse.Namespace) -> int:
     from .runner import load_run_dataset, resolve_device
 
     out = Path(args.run_dir)
+    if args.json and out.resolve() in Path(args.json).resolve().parents:
+        raise UserError(f"--json {args.json} is inside the run directory {out}, whose files are checksummed; write "
+                        "it elsewhere.")
     settings = load_settings_from_run(out)
     tensors = read_synthetic(out, read_manifest(out))
     dataset = load_run_dataset(settings.run)

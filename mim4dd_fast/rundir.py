@@ -6,7 +6,8 @@ non-empty directory is refused as ``--out`` before anything is written in it. ``
 held (``flock``) by the one process working in the run; it records that process's pid and host, so a
 second process is told who holds it. The kernel releases the lock when its holder dies, so a lock
 left by a killed run (a dead pid on this host) is stale and taken over. A lock recorded by another
-host cannot be checked from here and is refused with the advice to remove it.
+host cannot be checked from here and is refused with the advice to remove it. On a filesystem without
+``flock`` the record alone decides: a live pid on this host (or any other host's) holds the run.
 
 Readers: one function per file (marker, config.toml, metrics.jsonl, eval.json, manifest.json,
 synthetic.safetensors; checkpoints in checkpoint.py, experts in experts.py). Each checks the file's
@@ -16,6 +17,7 @@ names the file. ``inspect_run`` runs them all for ``mim4dd-fast show``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -200,11 +202,17 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = self._holder(fd)
+            except OSError as exc:
+                record = self._record(fd) or {}
+                if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                    # no flock on this filesystem: the record decides (a dead pid on this host is stale)
+                    if not self._recorded_alive(record):
+                        self.fd = fd
+                        break
                 os.close(fd)
-                raise UserError(f"{what} {out} is in use by {holder}; wait for it to finish (or stop it) "
-                                "before starting another process there.") from None
+                raise UserError(f"{what} {out} is in use by pid {record.get('pid', '?')} on host "
+                                f"{record.get('host', '?')}; wait for it to finish (or stop it) before starting "
+                                "another process there.") from None
             same = os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino
             if not same:
                 os.close(fd)
@@ -236,9 +244,14 @@ class RunLock:
             return {"pid": "?"}  # a torn record: its writer died while writing it
         return record if isinstance(record, dict) else {"pid": "?"}
 
-    def _holder(self, fd: int) -> str:
-        record = self._record(fd) or {}
-        return f"pid {record.get('pid', '?')} on host {record.get('host', '?')}"
+    @staticmethod
+    def _recorded_alive(record: dict[str, Any]) -> bool:
+        """Whether the process a lock record names may still run (another host's cannot be checked: yes)."""
+        if not record:
+            return False
+        if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+            return True
+        return _alive(record["pid"], record.get("proc_start"))
 
     def release(self, remove: bool = True) -> None:
         fd = getattr(self, "fd", None)
@@ -496,7 +509,7 @@ def inspect_run(out: Path) -> RunReport:
         before = len(report.problems)
         report.attempt(verify_listed, out, manifest, "synthetic.png")
         if len(report.problems) == before and (out / "synthetic.png").is_file():
-            report.rows.append(("picture", str(out / "synthetic.png")))
+            report.rows.append(("picture", "synthetic.png (in the run directory)"))
     complete = manifest is not None
     report.rows.append(("complete", "yes" if complete else "no (continue it with --resume)"))
     if marker is not None and marker["resumes"]:

@@ -140,6 +140,8 @@ def test_output_paths_are_checked_before_any_work(run, tmp_path, monkeypatch, ca
                         (["--methods", "dm", "--csv", bad], compare.main)):
         assert entry(argv) == 2, argv
         assert "--json" in error_line(capsys.readouterr()) or "--csv" in " ".join(argv)
+    assert main(["evaluate", str(run), "--json", str(run / "eval.json")]) == 2  # the run's own, checksummed file
+    assert "inside the run directory" in error_line(capsys.readouterr())
     ablate_out = str(tmp_path / "afile") if target == "folder" else bad
     assert ablate.main(["--grid", "tau=0.1", "--out", ablate_out, "--seeds", "0"]) == 2
     assert "--out" in error_line(capsys.readouterr())
@@ -577,3 +579,27 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again(tmp_
     assert "n_real" in last_error_line(capsys.readouterr())
     assert (out / MARKER).exists() and not (out / "checkpoints").exists()  # claimed, never got going
     assert main(["distill", "--config", str(write_config(tmp_path)), "--out", str(out)]) == 0
+
+
+def test_without_flock_the_lock_record_decides(tmp_path, monkeypatch):
+    """Filesystems without flock (some network mounts): a live pid on this host holds the run, a dead one is
+    stale."""
+    import errno
+    import fcntl
+
+    from mim4dd_fast.errors import UserError
+
+    def no_flock(*_a):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    (tmp_path / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    with pytest.raises(UserError, match=f"in use by pid {os.getpid()}"):
+        RunLock(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    lock = RunLock(tmp_path)
+    assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / LOCK).exists()
