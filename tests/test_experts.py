@@ -62,7 +62,8 @@ def test_manifest_resume_and_corruption(small, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_experts(small, tmp_path, num_experts=3, epochs=2, seed=5, model_kwargs=KW,
                       progress=crash_after_expert_1)
-    assert calls == [(0, 1, 2), (0, 2, 2), (1, 1, 2), (1, 2, 2)]
+    # one pass trains experts 0-2 together (epoch progress for each), then writes 0, 1, ... and stops after 1
+    assert calls == [(0, 1, 2), (1, 1, 2), (2, 1, 2), (0, 2, 2), (1, 2, 2)]
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     assert sorted(manifest["experts"]) == ["expert_0000.safetensors", "expert_0001.safetensors"]
     assert manifest["epochs"] == 2 and manifest["seed"] == 5 and manifest["lr"] == 0.01
