@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.utils import skip_init
 
 from .errors import ConfigError
 
@@ -256,7 +257,11 @@ class NotStackable(ValueError):
 
 
 class GroupedLinear(nn.Module):
-    """n independent Linear layers on a [..., n * in] input (net i's features at [i*in, (i+1)*in)): [..., n * out]."""
+    """n independent Linear layers on a [B, n * in] input (net i's features at [i*in, (i+1)*in)): [B, n * out].
+
+    Computed as one grouped 1x1 convolution, so every net's slice is computed by the same kernel
+    whatever its position in the stack (a batched matmul's bias gradient, a broadcast sum, is not).
+    """
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
@@ -265,44 +270,41 @@ class GroupedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias)  # [n, out]
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        h = x.reshape(-1, self.n, self.in_features).transpose(0, 1)  # [n, B, in]
-        w = self.weight.transpose(1, 2)
-        out = torch.bmm(h, w) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), h, w)
-        return out.transpose(0, 1).reshape(*lead, self.n * self.out_features)
-
-
-def _cat(tensors: list[Tensor]) -> Tensor:
-    return torch.cat([t.detach() for t in tensors]).clone()
+        weight = self.weight.view(self.n * self.out_features, self.in_features, 1, 1)
+        bias = None if self.bias is None else self.bias.view(-1)
+        return F.conv2d(x[:, :, None, None], weight, bias, groups=self.n).flatten(1)
 
 
 def _grouped_layer(layers: list[nn.Module]) -> nn.Module | None:
     """The grouped equivalent of the same layer in n nets; None for a layer without parameters or buffers."""
     first, n = layers[0], len(layers)
+    device = next(iter([*first.parameters(), *first.buffers()]), torch.empty(0)).device
+    # skip_init: no random initialisation (the caller's RNG stays untouched); every tensor is copied below
     if isinstance(first, nn.Conv2d):
-        g = nn.Conv2d(n * first.in_channels, n * first.out_channels, first.kernel_size, stride=first.stride,
-                      padding=first.padding, dilation=first.dilation, groups=n * first.groups,
-                      bias=first.bias is not None, padding_mode=first.padding_mode)
+        g = skip_init(nn.Conv2d, n * first.in_channels, n * first.out_channels, first.kernel_size,
+                      stride=first.stride, padding=first.padding, dilation=first.dilation, groups=n * first.groups,
+                      bias=first.bias is not None, padding_mode=first.padding_mode, device=device)
     elif isinstance(first, nn.GroupNorm):
-        g = nn.GroupNorm(n * first.num_groups, n * first.num_channels, eps=first.eps, affine=first.affine)
+        g = skip_init(nn.GroupNorm, n * first.num_groups, n * first.num_channels, eps=first.eps, affine=first.affine,
+                      device=device)
     elif isinstance(first, nn.BatchNorm2d):  # per-channel statistics over (B, H, W): per net, as one by one
-        g = nn.BatchNorm2d(n * first.num_features, eps=first.eps, momentum=first.momentum, affine=first.affine,
-                           track_running_stats=first.track_running_stats)
+        g = skip_init(nn.BatchNorm2d, n * first.num_features, eps=first.eps, momentum=first.momentum,
+                      affine=first.affine, track_running_stats=first.track_running_stats, device=device)
     elif isinstance(first, nn.Linear):
-        return GroupedLinear(torch.stack([m.weight.detach() for m in layers]).clone(),
-                             None if first.bias is None else torch.stack([m.bias.detach() for m in layers]).clone())
+        return GroupedLinear(torch.stack([m.weight.detach() for m in layers]),
+                             None if first.bias is None else torch.stack([m.bias.detach() for m in layers]))
     elif not any(True for _ in first.parameters(recurse=False)) and not any(True for _ in first.buffers(False)):
         return None
     else:
         raise NotStackable(f"{type(first).__name__} layers cannot be grouped")
     with torch.no_grad():
         for name, value in g.named_parameters(recurse=False):
-            value.copy_(_cat([getattr(m, name) for m in layers]))
+            value.copy_(torch.cat([getattr(m, name).detach() for m in layers]))
         for name, value in g.named_buffers(recurse=False):
             if value.dim() == 0:  # BatchNorm's num_batches_tracked: the same count in every net
                 value.copy_(getattr(first, name))
             else:
-                value.copy_(_cat([getattr(m, name) for m in layers]))
+                value.copy_(torch.cat([getattr(m, name).detach() for m in layers]))
     return g
 
 
@@ -325,7 +327,8 @@ class StackedNets(nn.Module):
 
     def __init__(self, nets: list[nn.Module]) -> None:
         super().__init__()
-        if not nets or any(type(m) is not type(nets[0]) for m in nets):
+        shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in nets]
+        if not nets or any(type(m) is not type(nets[0]) or s != shapes[0] for m, s in zip(nets, shapes, strict=True)):
             raise NotStackable("stacking needs one or more nets of one architecture")
         self.n = len(nets)
         self._template = (copy.deepcopy(nets[0]),)  # a tuple: not registered as a submodule
