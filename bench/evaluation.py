@@ -39,6 +39,8 @@ def build_parser() -> Parser:
     p.add_argument("--expert-epochs", type=int, default=2)
     p.add_argument("--expert-width", type=int, default=32, help="expert ConvNet width (the digits presets' 32)")
     p.add_argument("--experts-per-pass", type=int, default=None, help="default: experts.EXPERTS_PER_PASS")
+    p.add_argument("--vmap", action="store_true",
+                   help="also time the torch.func alternative (functional_call + vmap(grad)) for the evaluation nets")
     p.add_argument("--json", default="runs/bench/evaluation.json", help="write the results here ('' to skip)")
     return p
 
@@ -61,6 +63,40 @@ def _ratios(times: dict[str, list[float]], ref: str, new: str) -> dict:
     low = {k: min(v) for k, v in times.items()}
     return {"seconds": times, "median_s": med, "min_s": low,
             "speedup_median": med[ref] / med[new], "speedup_min": low[ref] / low[new]}
+
+
+def train_vmap(x, y, dataset, cfg, seeds):
+    """The alternative to StackedNets: stacked parameters, torch.func.functional_call under vmap(grad(.)).
+
+    Same protocol and per-net generators as ``train_net``; SGD on the stacked parameters. Returns [n, P].
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, vmap
+
+    from mim4dd_fast.augment import dsa
+    from mim4dd_fast.evaluate import epoch_lr, fresh_net
+
+    nets = [fresh_net(dataset, cfg, s) for s in seeds]
+    template = nets[0]
+    params = {name: torch.stack([dict(n.named_parameters())[name].detach() for n in nets]).requires_grad_()
+              for name, _ in template.named_parameters()}
+    opt = torch.optim.SGD(params.values(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    step = vmap(grad(lambda p, xb, yb: F.cross_entropy(functional_call(template, p, (xb,)), yb)))
+    n = x.shape[0]
+    for epoch in range(cfg.epochs):
+        for group in opt.param_groups:
+            group["lr"] = epoch_lr(epoch, cfg.epochs, cfg.lr)
+        orders = [torch.randperm(n, generator=g) for g in gens]
+        for start in range(0, n, cfg.batch_size):
+            idx = [o[start : start + cfg.batch_size] for o in orders]
+            xb = torch.stack([dsa(x[i], generator=g) for i, g in zip(idx, gens, strict=True)])
+            grads = step({k: v.detach() for k, v in params.items()}, xb, torch.stack([y[i] for i in idx]))
+            for name, value in params.items():
+                value.grad = grads[name]
+            opt.step()
+    return torch.cat([v.detach().reshape(len(seeds), -1) for v in params.values()], 1)
 
 
 def bench_evaluation(dataset, ipc: int, args) -> dict:
@@ -88,15 +124,22 @@ def bench_evaluation(dataset, ipc: int, args) -> dict:
         st = train_stacked([(x, y)] * len(seeds), dataset, cfg, seeds=seeds)
         return st.flat_params(), stacked_accuracies(st, dataset)
 
+    paths = {"one_by_one": one_by_one, "stacked": stacked}
+    if args.vmap:
+        paths["vmap"] = lambda: (train_vmap(x, y, dataset, cfg, seeds), None)
     warm = EvalConfig(epochs=1, n_nets=args.nets, model=args.model)  # one-time kernel set-up outside the timings
     train_net(x, y, dataset, warm, seed=0)
     train_stacked([(x, y)] * len(seeds), dataset, warm, seeds=seeds)
-    times, last = _side_by_side({"one_by_one": one_by_one, "stacked": stacked}, args.repeats)
+    times, last = _side_by_side(paths, args.repeats)
     (p_ref, a_ref), (p_new, a_new) = last["one_by_one"], last["stacked"]
-    return {"ipc": ipc, "images": int(x.shape[0]), **_ratios(times, "one_by_one", "stacked"),
-            "max_abs_param_diff": float((p_ref - p_new).abs().max()), "max_abs_param": float(p_ref.abs().max()),
-            "accuracies_one_by_one": a_ref, "accuracies_stacked": a_new,
-            "max_abs_accuracy_diff": max(abs(a - b) for a, b in zip(a_ref, a_new, strict=True))}
+    row = {"ipc": ipc, "images": int(x.shape[0]), **_ratios(times, "one_by_one", "stacked"),
+           "max_abs_param_diff": float((p_ref - p_new).abs().max()), "max_abs_param": float(p_ref.abs().max()),
+           "accuracies_one_by_one": a_ref, "accuracies_stacked": a_new,
+           "max_abs_accuracy_diff": max(abs(a - b) for a, b in zip(a_ref, a_new, strict=True))}
+    if args.vmap:
+        row["vmap"] = {**_ratios({k: times[k] for k in ("one_by_one", "vmap")}, "one_by_one", "vmap"),
+                       "max_abs_param_diff": float((p_ref - last["vmap"][0]).abs().max())}
+    return row
 
 
 def bench_experts(dataset, args) -> dict:
@@ -161,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['median_s']['stacked']:.2f} / {r['min_s']['stacked']:.2f} | {r['speedup_median']:.2f}x / "
               f"{r['speedup_min']:.2f}x | {r['max_abs_param_diff']:.2e} (of {r['max_abs_param']:.2f}) | "
               f"{r['max_abs_accuracy_diff']:.4f} |")
+        if "vmap" in r:
+            v = r["vmap"]
+            print(f"| eval IPC {r['ipc']}, vmap instead | {v['median_s']['one_by_one']:.2f} / "
+                  f"{v['min_s']['one_by_one']:.2f} | {v['median_s']['vmap']:.2f} / {v['min_s']['vmap']:.2f} | "
+                  f"{v['speedup_median']:.2f}x / {v['speedup_min']:.2f}x | {v['max_abs_param_diff']:.2e} | - |")
     if experts:
         e = experts
         print(f"| {e['experts']} experts x {e['epochs']} epochs, width {e['width']}, "
