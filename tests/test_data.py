@@ -235,7 +235,7 @@ def test_cifar_missing_file_and_directory(tmp_path):
     [
         ({b"data": np.zeros((3, 100), np.uint8), b"labels": [0, 1, 2]}, "uint8 \\[N, 3072\\]"),
         ({b"data": np.zeros((3, 3072), np.float32), b"labels": [0, 1, 2]}, "float32"),
-        ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1]}, "3 images but labels"),
+        ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1]}, "3 images but 2 labels"),
         ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, "outside 0..9"),
         ({b"pixels": np.zeros((2, 3072), np.uint8)}, "lacks the 'data'"),
         ([1, 2, 3], "does not hold a CIFAR dict"),
@@ -254,6 +254,187 @@ def test_not_a_pickle(tmp_path):
     write_cifar10(d)
     (d / "batches.meta").write_bytes(b"\x89PNG not a pickle at all")
     with pytest.raises(DataError, match="batches.meta"):
+        load_dataset("cifar10", str(d))
+
+
+# ------------------------------------------------------------------ CIFAR files built to exhaust the loader
+
+_BOMB_CHILD = """
+import json, resource, sys, time
+from mim4dd_fast.data import load_dataset
+from mim4dd_fast.data.unpickle import safe_load
+from mim4dd_fast.errors import DataError
+
+# A guard, not the measurement: a regression fails with MemoryError instead of taking the machine.
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), vm + (1 << 30)))
+out = []
+for kind, path in json.loads(sys.argv[1]):
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    try:
+        load_dataset("cifar10", path) if kind == "cifar" else safe_load(path)
+        message = "loaded"
+    except DataError as e:
+        message = str(e)
+    except BaseException as e:
+        message = f"{type(e).__name__}: {e}"
+    out.append([message, time.perf_counter() - start,
+                (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024])  # MiB
+print(json.dumps(out))
+"""
+
+
+def _run_bombs(cases: list[tuple[str, str]]) -> list[tuple[str, float, float]]:
+    """Load each case in a fresh, memory-capped process: (message, seconds, extra peak RSS in MiB)."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _BOMB_CHILD, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=120, cwd=repo)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [tuple(r) for r in json.loads(done.stdout)]
+
+
+def _nested_shared_labels(n: int, width: int, depth: int) -> list:
+    """``n`` labels, each a list sharing one list of lists ...: width**depth ints per label once expanded."""
+    inner: list = [0] * width
+    for _ in range(depth - 1):
+        inner = [inner] * width
+    return [inner] * n
+
+
+def _ops(*parts: bytes) -> bytes:
+    return b"".join(parts)
+
+
+def _binget(i: int) -> bytes:
+    return b"j" + struct.pack("<i", i)  # LONG_BINGET
+
+
+def _late_filled_lists(width: int) -> bytes:
+    """Three memoised lists, each filled only AFTER the outer one took its references: the sizes seen
+    while appending stay small, the finished structure holds width**3 ints."""
+    put = [b"r" + struct.pack("<i", i) for i in range(3)]  # LONG_BINPUT
+    fill = []
+    for outer, inner in ((2, 1), (1, 0)):
+        fill.append(_binget(outer) + b"(" + _binget(inner) * width + b"e0")  # MARK, refs, APPENDS, POP
+    fill.append(_binget(0) + b"(" + b"K\x00" * width + b"e0")
+    return _ops(b"\x80\x02", b"]" + put[0] + b"0", b"]" + put[1] + b"0", b"]" + put[2] + b"0", *fill,
+                _binget(2), b".")
+
+
+class _Reduce:
+    """Pickles as ``func(*args)`` (optionally followed by BUILD ``state``): crafts numpy-shaped payloads."""
+
+    def __init__(self, func, args, state=None):
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self):
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
+
+
+def _array_with_dtype_state(base: str, flags: int) -> bytes:
+    """A one-element array pickled as numpy does, its dtype's pickled flags set to ``flags``."""
+    reconstruct = pickle.loads(pickle.dumps(np.zeros(1))).__reduce__()[0]
+    dtype = _Reduce(np.dtype, (base, False, True), (3, "<", None, None, None, -1, -1, flags))
+    return pickle.dumps(_Reduce(reconstruct, (np.ndarray, (0,), b"b"), (1, (1,), dtype, False, b"A" * 8)),
+                        protocol=2)
+
+
+def test_cifar_pickle_bombs_are_refused_fast_before_materialising(tmp_path):
+    """92 KB of shared nested label lists expands to 2.8e10 ints (~220 GB as int64); it must fail in ms."""
+    d = tmp_path / "c"
+    write_cifar10(d)
+    labels = _nested_shared_labels(28, 1000, 3)
+    _dump(d / "data_batch_1", {b"data": np.zeros((28, 3072), np.uint8), b"labels": labels})
+    size = (d / "data_batch_1").stat().st_size
+    assert 85_000 < size < 100_000  # the size of the reported file
+    t0 = (0,) * 50
+    for _ in range(6):
+        t0 = (t0,) * 50  # hashing it walks 50**7 ~ 8e11 entries
+    files = {name: tmp_path / name for name in ("key", "late", "cycle", "deep", "objects", "ndarray", "bytes",
+                                               "flags", "flags_void")}
+    # {t0: 1} written opcode by opcode: building that dict here would hash t0 in this process.
+    files["key"].write_bytes(b"\x80\x02}" + pickle.dumps(t0, protocol=2)[2:-1] + b"K\x01s.")
+    files["late"].write_bytes(_late_filled_lists(1000))
+    cyclic: list = []
+    cyclic.append(cyclic)
+    _dump(files["cycle"], cyclic)
+    deep: list = [0]
+    for _ in range(40):
+        deep = [deep]
+    _dump(files["deep"], deep)
+    _dump(files["objects"], np.array([1, None], dtype=object))
+    files["ndarray"].write_bytes(b"\x80\x02cnumpy\nndarray\n((J\x00\x00\x01\x00J\x00\x00\x01\x00ttR.")
+    files["bytes"].write_bytes(b"\x80\x02c__builtin__\nbytes\n(J\x00\x00\x00\x40tR.")
+    files["flags"].write_bytes(_array_with_dtype_state("u8", 1))  # uint64 claiming to hold objects
+    files["flags_void"].write_bytes(_array_with_dtype_state("V8", 63))
+    cases = [("cifar", str(d))] + [("pickle", str(p)) for p in files.values()]
+    results = _run_bombs(cases)
+    expected = ["expand to more than", "expand to more than", "expand to more than", "contains itself",
+                "more than 32 levels deep", "dtype object", "calls numpy.ndarray directly",
+                "bytes() with arguments", "uint64 array whose pickled dtype flags (1)", "dtype <V"]
+    for (kind, path), (message, seconds, extra_mib), fragment in zip(cases, results, expected, strict=True):
+        assert message.startswith("Refused to load") and fragment in message, (path, message)
+        assert os.path.basename(path) in message or kind == "cifar"
+        assert "\n" not in message
+        assert seconds < 1.0 and extra_mib < 200, (path, seconds, extra_mib)
+    assert "data_batch_1" in results[0][0]
+
+
+def test_real_cifar_layouts_pass_the_structure_check(tmp_path):
+    """Control for the bombs: numpy 1 / numpy 2 arrays, protocols 2-5, bytes and str keys all still load."""
+    from mim4dd_fast.data.unpickle import safe_load
+
+    arr = _hwc_images(3, 0).reshape(3, -1)
+    for protocol in (2, 3, 4, 5):
+        _dump(tmp_path / "b", {b"data": arr, b"labels": [1, 2, 3], b"filenames": [b"a.png", b"b.png", b""],
+                               "meta": {"names": ("x", "y")}, b"ints": np.arange(4, dtype=np.int16)}, protocol)
+        got = safe_load(tmp_path / "b")
+        assert type(got[b"data"]) is np.ndarray and np.array_equal(got[b"data"], arr)  # a plain ndarray
+        assert got[b"filenames"] == [b"a.png", b"b.png", b""] and got["meta"] == {"names": ("x", "y")}
+        assert got[b"ints"].dtype == np.int16 and got[b"ints"].tolist() == [0, 1, 2, 3]
+    shared = [b"same"] * 3  # ordinary sharing (one object referenced a few times) is fine
+    _dump(tmp_path / "s", {b"x": shared, b"y": shared})
+    assert safe_load(tmp_path / "s")[b"y"] == [b"same"] * 3
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_cifar_batch_with_no_images(tmp_path, protocol):
+    d = tmp_path / "c"
+    write_cifar10(d)
+    _dump(d / "test_batch", {b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, protocol)
+    with pytest.raises(DataError, match=r"^no images in .*test_batch; a CIFAR batch holds at least one\.$"):
+        load_dataset("cifar10", str(d))
+
+
+@pytest.mark.parametrize(
+    "labels, fragment",
+    [
+        ([[0]] * 3, "not a flat list of integers"),
+        ([0, 1, 2.0], "not a flat list of integers"),
+        ([True, 0, 1], "not a flat list of integers"),
+        (np.zeros((3, 1), np.int64), "labels of int64 \\(3, 1\\)"),
+        (np.zeros(3, np.float32), "labels of float32"),
+        ([0, 1, 2**80], "outside 0..9"),
+    ],
+)
+def test_cifar_labels_structure(tmp_path, labels, fragment):
+    d = tmp_path / "c"
+    write_cifar10(d)
+    _dump(d / "test_batch", {b"data": np.zeros((3, 3072), np.uint8), b"labels": labels})
+    with pytest.raises(DataError, match=fragment):
+        load_dataset("cifar10", str(d))
+
+
+def test_cifar_meta_names_must_be_short_strings(tmp_path):
+    d = tmp_path / "c"
+    write_cifar10(d)
+    _dump(d / "batches.meta", {b"label_names": [[b"cat"]] * 10})
+    with pytest.raises(DataError, match="does not list 10 class names"):
         load_dataset("cifar10", str(d))
 
 
@@ -352,6 +533,53 @@ def test_mnist_count_mismatch_extra_bytes_and_missing(tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(DataError, match="No mnist files"):
         load_dataset("mnist", str(tmp_path / "other"))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_header_sizes_checked_against_the_file(tmp_path, gz):
+    """A 16-byte header announcing 2**30 x 2**30 x 16 = 2**64 values (0 in int64 arithmetic)."""
+    write_mnist(tmp_path)
+    stem = "train-images-idx3-ubyte"
+    header = struct.pack(">4i", 2051, 2**30, 2**30, 16)
+    (tmp_path / stem).unlink()
+    if gz:
+        (tmp_path / f"{stem}.gz").write_bytes(gzip.compress(header))
+        fragment = r"announces 18446744073709551616 values \(1073741824x1073741824x16\) in its header, more than"
+    else:
+        (tmp_path / stem).write_bytes(header)
+        fragment = r"announces 18446744073709551616 values \(1073741824x1073741824x16\) but the file has only 0\."
+    with pytest.raises(DataError, match=fragment) as err:
+        load_dataset("mnist", str(tmp_path))
+    assert stem in str(err.value) and "\n" not in str(err.value)
+
+
+def test_mnist_gzip_bomb_reads_only_what_the_header_announces(tmp_path):
+    import time
+    import tracemalloc
+
+    write_mnist(tmp_path, gz=True)
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(struct.pack(">2i", 2049, 12) + bytes(50 << 20)))  # 50 MiB of zeros
+    assert labels.stat().st_size < 100_000
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="longer than its header"):
+        load_dataset("mnist", str(tmp_path))
+    seconds, (_, peak) = time.perf_counter() - start, tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert seconds < 1.0 and peak < (5 << 20)  # never decompressed the 50 MiB
+
+
+def test_mnist_refused_up_front_when_it_cannot_fit_in_memory(tmp_path, monkeypatch):
+    import collections
+
+    import psutil
+
+    write_mnist(tmp_path, n_train=12)
+    fake = collections.namedtuple("vm", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: fake(available=5000))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte announces 9408 values, which need about"):
+        load_dataset("mnist", str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------- image folder
