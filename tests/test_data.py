@@ -266,8 +266,11 @@ from mim4dd_fast.data.unpickle import safe_load
 from mim4dd_fast.errors import DataError
 
 # A guard, not the measurement: a regression fails with MemoryError instead of taking the machine.
-vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
-resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), vm + (1 << 30)))
+try:
+    vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), vm + (1 << 30)))
+except (OSError, StopIteration, ValueError):  # no /proc (macOS): the timeout below still bounds it
+    pass
 out = []
 for kind, path in json.loads(sys.argv[1]):
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
