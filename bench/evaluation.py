@@ -102,7 +102,7 @@ def train_vmap(x, y, dataset, cfg, seeds):
 def bench_evaluation(dataset, ipc: int, args) -> dict:
     import torch
 
-    from mim4dd_fast.evaluate import (
+    from mim4dd_fast.evaluation import (
         EvalConfig,
         random_subset,
         split_accuracy,

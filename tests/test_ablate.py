@@ -41,10 +41,11 @@ def test_grid_parser_translates_values():
     ("tau=", "empty list"),
     ("tau=,,", "empty list"),
     ("tau=abc", "not a valid float"),
-    ("tau=-1", "positive"),
+    ("tau=-1", "Grid value '-1' for 'tau': MIM tau must be greater than 0"),
     ("tau=nan", "finite"),
     ("n_real=2.5", "not a valid int"),
-    ("head=transformer", "identity, linear or mlp"),
+    ("head=transformer", "Grid value 'transformer' for 'head': Unknown MIM head 'transformer'; choose one of: "
+                         "identity, linear, mlp"),
     ("tau", "name=value"),
 ])
 def test_bad_grids_are_clear_errors(item, message):
@@ -71,7 +72,7 @@ def test_cells_product_and_one_at_a_time():
 
 def _fake_result(cell: Cell, acc: float) -> dict:
     return {"params": dict(cell.params), "seed": cell.seed, "accuracy_mean": acc, "accuracy_std": 0.01,
-            "accuracies": [acc - 0.01, acc + 0.01], "mi_lb": {"mi_lb/blocks.0": 0.5, "mi_lb/blocks.1": 0.8},
+            "accuracies": [acc - 0.01, acc + 0.01], "mi_est": {"mi_est/blocks.0": 0.5, "mi_est/blocks.1": 0.8},
             "final_loss": 0.1, "mim_loss": 0.2, "distill_seconds": 1.0}
 
 
@@ -80,7 +81,7 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     cells = make_cells({"tau": ["0.1", "0.5"]}, [0])
     calls = []
 
-    def fake_run_cell(cell, base_, experts_dir, threads=1):
+    def fake_run_cell(cell, base_, experts_dir, threads=1, archs=()):
         calls.append(cell)
         if len(calls) == 2:
             raise KeyboardInterrupt  # interrupted during the second cell
@@ -91,7 +92,8 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
         ablation.run_sweep(cells, base, tmp_path)
     assert (tmp_path / "cells" / f"{cell_key(cells[0], base)}.json").exists()
     calls.clear()
-    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1: (calls.append(c), _fake_result(c, 0.6))[1])
+    monkeypatch.setattr(ablation, "run_cell",
+                        lambda c, b, e, threads=1, archs=(): (calls.append(c), _fake_result(c, 0.6))[1])
     results = ablation.run_sweep(cells, base, tmp_path)
     assert calls == [cells[1]]  # the finished cell was not recomputed
     assert [r["accuracy_mean"] for r in results] == [0.5, 0.6]
@@ -138,7 +140,7 @@ def test_real_two_cell_sweep_tiny_budget(tmp_path):
     for path in cached:
         result = json.loads(path.read_text())
         assert 0.0 <= result["accuracy_mean"] <= 1.0
-        assert result["mi_lb"] and all(v == v for v in result["mi_lb"].values())
+        assert result["mi_est"] and all(v == v for v in result["mi_est"].values())
     assert "tau=0.5" in (out / "report.md").read_text()
 
 
@@ -166,7 +168,8 @@ def test_sweep_as_rank1_runs_its_round_robin_share_and_returns_none(tmp_path, mo
     base = {"method": "dm+mim", "iterations": 1}
     cells = make_cells({"tau": ["0.1", "0.5"]}, [0, 1])
     calls = []
-    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1: (calls.append(c), _fake_result(c, 0.4))[1])
+    monkeypatch.setattr(ablation, "run_cell",
+                        lambda c, b, e, threads=1, archs=(): (calls.append(c), _fake_result(c, 0.4))[1])
     # rank 0 saw cells 0, 1 and 3 pending; rank 1 looks later (cell 1 already cached) but splits rank 0's list
     (tmp_path / "cells").mkdir()
     (tmp_path / "cells" / f"{cell_key(cells[1], base)}.json").write_text("{}")
@@ -181,7 +184,7 @@ def test_sweep_as_rank1_runs_its_round_robin_share_and_returns_none(tmp_path, mo
 def test_sweep_as_rank0_merges_gathered_cells_in_order(tmp_path, monkeypatch):
     base = {"method": "dm+mim", "iterations": 1}
     cells = make_cells({"tau": ["0.1", "0.5"]}, [0])
-    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1: _fake_result(c, 0.3))
+    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1, archs=(): _fake_result(c, 0.3))
     # rank 1 ran cell 1 on a filesystem rank 0 does not see: rank 0 caches what it gathered
     other = {"rank": 1, "results": {1: {**_fake_result(cells[1], 0.9), "rank": 1}}, "failure": None}
     results = ablation.run_sweep(cells, base, tmp_path, dist=_fake_ranks(0, others=[other]))
@@ -192,7 +195,7 @@ def test_sweep_as_rank0_merges_gathered_cells_in_order(tmp_path, monkeypatch):
 def test_sweep_as_rank0_names_a_cell_that_failed_on_another_rank(tmp_path, monkeypatch):
     base = {"method": "dm+mim", "iterations": 1}
     cells = make_cells({"tau": ["0.1", "0.5"]}, [0])
-    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1: _fake_result(c, 0.3))
+    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1, archs=(): _fake_result(c, 0.3))
     other = {"rank": 1, "results": {}, "failure": (1, "NonFiniteError: loss is NaN.")}
     with pytest.raises(DistributedError, match=r"rank 1 failed on cell tau=0.5 seed 0 \(NonFiniteError: loss is "
                                                r"NaN\.\); the cells finished before it are cached"):

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-import mim4dd_fast.evaluate as ev
+import mim4dd_fast.evaluation as ev
 from mim4dd_fast.config import from_mapping
 from mim4dd_fast.data import load_dataset
 from mim4dd_fast.errors import ConfigError, DataError
-from mim4dd_fast.evaluate import (
+from mim4dd_fast.evaluation import (
     EvalConfig,
     epoch_lr,
+    evaluate_splits,
     evaluate_synthetic,
     random_baseline,
     random_subset,
@@ -293,10 +294,12 @@ def test_batchnorm_refuses_a_lone_image_per_minibatch(digits):
 
 def test_validation_split(digits):
     x, y = random_subset(digits, 2, seed=0)
+    no_val = copy.copy(digits)  # e.g. a Dataset built by hand without a validation split
+    no_val.x_val = no_val.y_val = None
     with pytest.raises(DataError, match="no validation split"):
-        evaluate_synthetic(x, y, digits, TINY, split="val")
+        evaluate_synthetic(x, y, no_val, TINY, split="val")
     with pytest.raises(DataError, match="no validation split"):
-        random_baseline(digits, 1, TINY, split="val")
+        random_baseline(no_val, 1, TINY, split="val")
     with pytest.raises(ConfigError, match="split"):
         train_and_test(x, y, digits, TINY, seed=0, split="train")
     with_val = copy.copy(digits)
@@ -330,3 +333,12 @@ def test_ranks_train_their_own_nets_together(digits):
     assert trained == [1]
     full = evaluate_synthetic(x, y, digits, cfg, seed=0)["accuracies"]
     assert result["accuracies"][1] == pytest.approx(full[1], abs=ONE_IMAGE)
+
+
+def test_several_splits_come_from_the_same_nets(digits):
+    """evaluate_splits trains each net once: its validation and test accuracies equal evaluate_synthetic's
+    on each split alone (same seeds), in one pass of training."""
+    x, y = random_subset(digits, 2, seed=0)
+    both = evaluate_splits(x, y, digits, TINY, splits=("val", "test"), seed=3)
+    assert both["val"] == evaluate_synthetic(x, y, digits, TINY, seed=3, split="val")
+    assert both["test"] == evaluate_synthetic(x, y, digits, TINY, seed=3, split="test")

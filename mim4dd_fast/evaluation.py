@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .augment import dsa as dsa_augment
-from .config import require
+from .config import Validated, require
 from .data import Dataset
 from .distributed import SINGLE, Dist
 from .errors import ConfigError, DataError
@@ -38,7 +38,7 @@ SPLITS = ("test", "val")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Validated):
     """How each evaluation net is trained (the originals' protocol; see docs/method.md).
 
     ``epochs`` defaults to 100, not the originals' 300 (DC) / 1000 (MTT, DM): on the embedded digits
@@ -283,7 +283,6 @@ def train_and_test(
     split: str = "test",
 ) -> float:
     """Accuracy (fraction) on ``split`` of one fresh net trained alone on (x_syn, y_syn); ``lr`` overrides cfg.lr."""
-    cfg.validate()
     _check_train_set(x_syn, y_syn, dataset)
     split_tensors(dataset, split)  # fail before training, not after
     net = train_net(x_syn, y_syn, dataset, cfg, seed=seed, device=device, lr=lr)
@@ -304,31 +303,64 @@ def _accuracies(
     seed: int,
     device: str | torch.device,
     lr: float | None,
-    split: str,
+    splits: tuple[str, ...],
     progress: Callable[[int, float], None] | None,
-) -> list[tuple[int, float]]:
-    """(i, accuracy) of net i (seed ``seed + i``, trained on ``make_set(i)``) for each i; nets_per_pass at a time."""
-    split_tensors(dataset, split)  # fail before training, not after
+) -> list[tuple[int, dict[str, float]]]:
+    """(i, {split: accuracy}) of net i (seed ``seed + i``, trained on ``make_set(i)``) for each i, every net
+    trained once and tested on each of ``splits``; nets_per_pass at a time. ``progress(i, acc)`` gets the
+    first split's accuracy."""
+    for split in splits:
+        split_tensors(dataset, split)  # fail before training, not after
     per_pass = cfg.nets_per_pass or max(1, len(indices))
-    out: list[tuple[int, float]] = []
+    out: list[tuple[int, dict[str, float]]] = []
     for first in range(0, len(indices), per_pass):
         chunk = indices[first : first + per_pass]
         sets = [make_set(i) for i in chunk]
-        accs = None
+        accs: list[dict[str, float]] | None = None
         if per_pass > 1:
             try:
                 stacked = train_stacked(sets, dataset, cfg, seeds=[seed + i for i in chunk], device=device, lr=lr)
-                accs = stacked_accuracies(stacked, dataset, device, split)
+                per_split = {s: stacked_accuracies(stacked, dataset, device, s) for s in splits}
+                accs = [{s: per_split[s][k] for s in splits} for k in range(len(chunk))]
             except NotStackable:
                 accs = None  # an architecture the stack cannot group: the one-by-one reference below
         if accs is None:
-            accs = [split_accuracy(train_net(x, y, dataset, cfg, seed=seed + i, device=device, lr=lr),
-                                   dataset, device, split) for i, (x, y) in zip(chunk, sets, strict=True)]
+            nets = [train_net(x, y, dataset, cfg, seed=seed + i, device=device, lr=lr)
+                    for i, (x, y) in zip(chunk, sets, strict=True)]
+            accs = [{s: split_accuracy(net, dataset, device, s) for s in splits} for net in nets]
         for i, acc in zip(chunk, accs, strict=True):
             out.append((i, acc))
             if progress is not None:
-                progress(i, acc)
+                progress(i, acc[splits[0]])
     return out
+
+
+def _gathered_summaries(mine: list[tuple[int, dict[str, float]]], splits: tuple[str, ...], dist: Dist,
+                        what: str) -> dict[str, dict]:
+    pairs = sorted(pair for part in dist.all_gather_objects(mine, what) for pair in part)
+    return {s: _summary([acc[s] for _, acc in pairs]) for s in splits}
+
+
+def evaluate_splits(
+    x_syn: Tensor,
+    y_syn: Tensor,
+    dataset: Dataset,
+    cfg: EvalConfig | None = None,
+    *,
+    splits: tuple[str, ...] = ("test",),
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    lr: float | None = None,
+    progress: Callable[[int, float], None] | None = None,
+    dist: Dist = SINGLE,
+) -> dict[str, dict]:
+    """``evaluate_synthetic`` on several splits at once: the same trained nets tested on each (validation
+    to choose settings, test for the final tables, without training the nets twice); {split: summary}."""
+    cfg = cfg or EvalConfig()
+    _check_train_set(x_syn, y_syn, dataset)
+    mine = _accuracies(dist.owned(range(cfg.n_nets)), lambda i: (x_syn, y_syn), dataset, cfg, seed=seed,
+                       device=device, lr=lr, splits=tuple(splits), progress=progress)
+    return _gathered_summaries(mine, tuple(splits), dist, "gathering the evaluation accuracies")
 
 
 def evaluate_synthetic(
@@ -350,13 +382,8 @@ def evaluate_synthetic(
     collective call) rank r trains nets r, r + N, ... (together, as one stack); net i depends only on
     its seed, so the gathered list is the one-process list.
     """
-    cfg = cfg or EvalConfig()
-    cfg.validate()
-    _check_train_set(x_syn, y_syn, dataset)
-    mine = _accuracies(dist.owned(range(cfg.n_nets)), lambda i: (x_syn, y_syn), dataset, cfg, seed=seed,
-                       device=device, lr=lr, split=split, progress=progress)
-    gathered = dist.all_gather_objects(mine, "gathering the evaluation accuracies")
-    return _summary([acc for _, acc in sorted(pair for part in gathered for pair in part)])
+    return evaluate_splits(x_syn, y_syn, dataset, cfg, splits=(split,), seed=seed, device=device, lr=lr,
+                           progress=progress, dist=dist)[split]
 
 
 def random_subset(dataset: Dataset, ipc: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -385,9 +412,7 @@ def random_baseline(
     The nets train together like ``evaluate_synthetic``'s (each on its own subset); collective under torchrun.
     """
     cfg = cfg or EvalConfig()
-    cfg.validate()
     dataset.class_index.check_ipc(ipc)
     mine = _accuracies(dist.owned(range(cfg.n_nets)), lambda i: random_subset(dataset, ipc, seed + i), dataset, cfg,
-                       seed=seed, device=device, lr=None, split=split, progress=progress)
-    gathered = dist.all_gather_objects(mine, "gathering the random-baseline accuracies")
-    return _summary([acc for _, acc in sorted(pair for part in gathered for pair in part)])
+                       seed=seed, device=device, lr=None, splits=(split,), progress=progress)
+    return _gathered_summaries(mine, (split,), dist, "gathering the random-baseline accuracies")[split]
