@@ -75,7 +75,7 @@ def train_vmap(x, y, dataset, cfg, seeds):
     from torch.func import functional_call, grad, vmap
 
     from mim4dd_fast.augment import dsa
-    from mim4dd_fast.evaluate import epoch_lr, fresh_net
+    from mim4dd_fast.evaluation import epoch_lr, fresh_net
 
     nets = [fresh_net(dataset, cfg, s) for s in seeds]
     template = nets[0]
