@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from mim4dd_fast import checkpoint as ckpt
 from mim4dd_fast.cli import main
@@ -106,12 +105,8 @@ KILL_CONFIG = TINY.replace("iterations = 12", "iterations = 6").replace("width =
 
 def _same_run(a: Path, b: Path) -> None:
     """Bit-identical results: the files' bytes, and the metrics apart from their wall-clock seconds."""
-    for name in ("config.toml", "synthetic.png", "eval.json"):
+    for name in ("config.toml", "synthetic.safetensors", "synthetic.png", "eval.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    with safe_open(a / "synthetic.safetensors", "pt") as fa, safe_open(b / "synthetic.safetensors", "pt") as fb:
-        # the tensors bit for bit and the metadata (its key order in the header is safetensors' own choice)
-        assert fa.metadata() == fb.metadata() and sorted(fa.keys()) == sorted(fb.keys())
-        assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
     for meta in ckpt.list_checkpoints(b / "checkpoints"):
         for suffix in (".json", ".safetensors"):
             assert (a / "checkpoints" / meta.with_suffix(suffix).name).read_bytes() == \
