@@ -151,6 +151,9 @@ def build_settings(mapping: dict[str, Any]) -> Settings:
     from .evaluation import EvalConfig
     from .methods.mim import MIMConfig
 
+    for table in TABLES:
+        if table in mapping and mapping[table] is not None and not isinstance(mapping[table], dict):
+            raise ConfigError(f"Setting {table!r} must be a table of settings, got {short(repr(mapping[table]))}.")
     _check_finite(mapping, "")
     scalars = {k: v for k, v in mapping.items() if k not in TABLES}
     run = from_mapping(RunSettings, scalars, what="run setting")
