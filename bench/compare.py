@@ -95,6 +95,7 @@ def parse_args(argv: list[str] | None):
     from mim4dd_fast.rundir import check_output_dir, check_output_file
 
     check_seed(args.seed, "--seed")
+    check_seed(args.seed + args.seeds - 1, "the last distillation seed (--seed + --seeds - 1)")
     check_output_file(args.json, "--json")  # before any work: a bad path must not cost the finished results
     check_output_file(args.csv, "--csv")
     if args.profile is not None:

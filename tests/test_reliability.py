@@ -391,13 +391,17 @@ def test_seeds_out_of_range_are_refused_with_nothing_written(run, tmp_path, caps
     assert not (tmp_path / "r").exists() and snapshot(run) == before
 
 
-def test_ablate_seeds_out_of_range(tmp_path, capsys):
+def test_ablate_and_compare_seeds_out_of_range(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import ablate
+    import compare
 
     assert ablate.main(["--grid", "tau=0.1", "--seeds", f"0,{SEED}", "--out", str(tmp_path / "a")]) == 2
     assert "seeds" in error_line(capsys.readouterr())
     assert not (tmp_path / "a").exists()
+    # compare distils seeds seed, seed + 1, ...: the last one must be in range too
+    assert compare.main(["--methods", "dm", "--seed", str(2**32 - 1), "--seeds", "2"]) == 2
+    assert "last distillation seed" in error_line(capsys.readouterr())
 
 
 @pytest.mark.parametrize("argv", [
