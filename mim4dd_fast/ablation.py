@@ -168,7 +168,7 @@ def make_cells(grid: dict[str, list[str]], seeds: list[int], one_at_a_time: bool
     return [Cell(p, s) for p in points for s in seeds]
 
 
-CELL_VERSION = 2  # bump when what a cell measures changes, so old caches are not reused
+CELL_VERSION = 3  # bump when what a cell measures changes, so old caches are not reused
 
 
 def cell_key(cell: Cell, base: dict[str, Any], archs: tuple[str, ...] = ()) -> str:
@@ -201,16 +201,18 @@ def run_cell(cell: Cell, base: dict[str, Any], experts_dir: str, threads: int = 
 
     torch.set_num_threads(threads)
     settings = cell_settings(cell, base)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run = build_run(settings, device="cpu", experts_dir=experts_dir)
     history: list[dict[str, float]] = []
     for _ in range(settings.run.iterations):
         logs = run.step()
         history.append({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
-    distill_seconds = time.perf_counter() - t0
+    # CPU seconds as well as wall: cells share the machine with other workers, CPU time does not see them
+    distill_seconds, distill_cpu = time.perf_counter() - t0, time.process_time() - c0
     t0 = time.perf_counter()
     splits = run.evaluate_splits(("val", "test"))
-    by_arch = {arch: run.evaluate_splits(("test",), model=arch)["test"]["mean"] for arch in archs}
+    # other architectures: one net each (the distillation seeds replicate them)
+    by_arch = {arch: run.evaluate_splits(("test",), model=arch, n_nets=1)["test"]["mean"] for arch in archs}
     eval_seconds = time.perf_counter() - t0
     tail = history[-min(5, len(history)):]
     mi = {k: sum(h[k] for h in tail) / len(tail) for k in tail[-1] if k.startswith("mi_est/")}
@@ -219,7 +221,7 @@ def run_cell(cell: Cell, base: dict[str, Any], experts_dir: str, threads: int = 
             "accuracy_std": test["std"], "accuracies": test["accuracies"], "val_accuracy_mean": val["mean"],
             "val_accuracies": val["accuracies"], "archs": by_arch, "mi_est": mi,
             "final_loss": tail[-1].get("loss"), "mim_loss": tail[-1].get("mim_loss"),
-            "distill_seconds": distill_seconds, "eval_seconds": eval_seconds}
+            "distill_seconds": distill_seconds, "distill_cpu_seconds": distill_cpu, "eval_seconds": eval_seconds}
 
 
 def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: int = 1, console=None,
@@ -247,7 +249,9 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
     keys = [cell_key(c, base, archs) for c in cells]
     # rank 0's view of the cache decides, so every rank splits the same list even if a fast rank
     # has already written a cell by the time a slow one looks
-    pending_idx = [i for i, k in enumerate(keys) if not (cache / f"{k}.json").exists()] if dist.is_main else None
+    # (cells with the same settings share one key: the first of them runs, the others read its result)
+    pending_idx = [i for i, k in enumerate(keys) if not (cache / f"{k}.json").exists() and keys.index(k) == i] \
+        if dist.is_main else None
     pending_idx = dist.broadcast_object(pending_idx, "agreeing on the pending sweep cells")
     if pending_idx and cell_settings(cells[0], base).choice.spec.needs_experts:
         for seed in sorted({cells[i].seed for i in pending_idx}):  # once, before cells race for them (collective)

@@ -40,6 +40,7 @@ class RunSettings(Validated):
     evals: int = 5  # evaluation nets at the end
     num_experts: int = 5  # MTT only
     expert_epochs: int = 0  # MTT only; 0 = max_start_epoch + expert_epochs (all that is needed)
+    expert_seed: int | None = None  # seed of the expert trajectories; unset = the run's seed (studies share one buffer)
 
     def validate(self) -> None:
         run_choice(self)
@@ -53,6 +54,8 @@ class RunSettings(Validated):
         require(self.expert_epochs >= 0, f"expert_epochs must be 0 or positive, got {self.expert_epochs}.")
         require(self.init in ("real", "noise"), f"init must be 'real' or 'noise', got {self.init!r}.")
         require(self.seed >= 0, f"seed must be non-negative, got {self.seed}.")
+        require(self.expert_seed is None or self.expert_seed >= 0,
+                f"expert_seed must be non-negative (or unset for the run's seed), got {self.expert_seed}.")
 
 
 @dataclass
