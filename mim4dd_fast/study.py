@@ -25,7 +25,7 @@ from typing import Any
 
 from .ablation import Cell, make_cells, run_sweep
 from .settings import merge_layers
-from .stats import format_difference, format_interval, holm, mean_ci, paired_compare, sweep_effects
+from .stats import format_difference, format_interval, mean_ci, paired_compare
 
 BASES = ("dc", "dm", "mtt")
 ARCHS = ("mlp", "lenet", "resnet18")  # besides the ConvNet every run is evaluated with
@@ -148,38 +148,18 @@ def method_rows(parts: list[Part], results: dict[str, list[dict]]) -> list[dict]
     return rows
 
 
-def _default_value(param: str, values: list[str], base: dict[str, Any]) -> str:
-    """Which grid value is the default setting (the reference of the paired differences)."""
-    from .ablation import setting_for
-    from .settings import build_settings
-
-    settings = build_settings(base)
-    for v in values:
-        for table, entries in setting_for(param, v).items():
-            current = getattr(settings, table) if table != "method_config" else settings.method_config
-            if all(getattr(current, k) == val for k, val in entries.items()):
-                return v
-    return values[0]
-
-
 def sweep_rows(part: Part, results: list[dict], quick: bool = False,
                overrides: dict[str, Any] | None = None) -> list[dict]:
-    """Per swept parameter: per value, validation and test accuracy over seeds; the paired difference
-    from the default on validation (what settings are chosen on); a permutation test of "no effect"."""
-    base = base_layer(part, quick, overrides)
+    """Per swept parameter: per value, validation and test accuracy over seeds, the MI estimate, and the
+    paired effects from the default on validation (``ablation.one_at_a_time_effects``)."""
+    from .ablation import one_at_a_time_effects
+
     out = []
-    for param, values in part.grid.items():
-        by_value = {v: [r for r in results if r["params"] == {param: v}] for v in values}
-        default = _default_value(param, values, base)
-        val = {v: [r["val_accuracy_mean"] for r in sorted(rs, key=lambda r: r["seed"])] for v, rs in by_value.items()}
-        effects = sweep_effects(val, default)
-        test = {v: mean_ci([r["accuracy_mean"] for r in rs]) for v, rs in by_value.items()}
-        out.append({"param": param, "default": default, "values": values, "val": {v: mean_ci(val[v]) for v in values},
-                    "test": test, "effects": effects,
+    for e in one_at_a_time_effects(results, part.grid, base_layer(part, quick, overrides)):
+        by_value = {v: [r for r in results if r["params"] == {e["param"]: v}] for v in e["values"]}
+        out.append({**e, "val": {v: mean_ci([r["val_accuracy_mean"] for r in rs]) for v, rs in by_value.items()},
+                    "test": {v: mean_ci([r["accuracy_mean"] for r in rs]) for v, rs in by_value.items()},
                     "mi": {v: _mean_mi(rs) for v, rs in by_value.items()}})
-    ps = holm([r["effects"].p_no_effect for r in out])
-    for r, p in zip(out, ps, strict=True):
-        r["p_no_effect_holm"] = p
     return out
 
 
