@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--ipc", type=int, default=1)
     p.add_argument("--iterations", type=int, default=None, help="distillation iterations per cell (preset default)")
-    p.add_argument("--seeds", default="0,1", help="comma list of seeds")
+    p.add_argument("--seeds", default="0,1,2,3,4,5",
+                   help="comma list of distillation seeds (each a new distilled set; settings are compared paired "
+                        "on them; 6 is the fewest for which a sign-flip test can reach p < 0.05)")
     p.add_argument("--evals", type=int, default=3, help="evaluation nets per cell")
     p.add_argument("--eval-epochs", type=int, default=None)
     p.add_argument("--preset", default=None)
@@ -120,7 +122,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     launcher = f"torchrun --nproc-per-node {dist.world_size} " if dist.enabled else "python "
     command = launcher + "bench/ablate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     report = write_report(results, grid, out, title=f"MIM4DD ablation: {args.method} on {args.dataset}, "
-                          f"IPC {args.ipc}", command=command.strip(), one_at_a_time=one)
+                          f"IPC {args.ipc}", command=command.strip(), one_at_a_time=one, base=base)
     Console().print(f"report: {report}")
     return 0
 

@@ -163,7 +163,7 @@ def make_cells(grid: dict[str, list[str]], seeds: list[int], one_at_a_time: bool
     return [Cell(p, s) for p in points for s in seeds]
 
 
-CELL_VERSION = 2  # bump when what a cell measures changes, so old caches are not reused
+CELL_VERSION = 3  # bump when what a cell measures changes, so old caches are not reused
 
 
 def cell_key(cell: Cell, base: dict[str, Any], archs: tuple[str, ...] = ()) -> str:
@@ -188,7 +188,8 @@ def read_cell(path: Path, key: str) -> dict[str, Any]:
     accs, mi = cell.get("accuracies"), cell.get("mi_est")
     ok = (cell.get("key") == key and isinstance(cell.get("params"), dict) and isinstance(cell.get("seed"), int)
           and _fraction(cell.get("accuracy_mean")) and isinstance(accs, list) and accs and all(map(_fraction, accs))
-          and isinstance(mi, dict) and all(isinstance(v, (int, float)) for v in mi.values()))
+          and isinstance(mi, dict) and all(isinstance(v, (int, float)) for v in mi.values())
+          and all(map(_fraction, cell.get("val_accuracies", []))))
     if not ok:
         raise DataError(f"Ablation cell {path} has the wrong content for its key (missing or out-of-range values).")
     return cell
@@ -229,16 +230,18 @@ def run_cell(cell: Cell, base: dict[str, Any], experts_dir: str, threads: int = 
 
     torch.set_num_threads(threads)
     settings = cell_settings(cell, base)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run = build_run(settings, device="cpu", experts_dir=experts_dir)
     history: list[dict[str, float]] = []
     for _ in range(settings.run.iterations):
         logs = run.step()
         history.append({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
-    distill_seconds = time.perf_counter() - t0
+    # CPU seconds as well as wall: cells share the machine with other workers, CPU time does not see them
+    distill_seconds, distill_cpu = time.perf_counter() - t0, time.process_time() - c0
     t0 = time.perf_counter()
     splits = run.evaluate_splits(("val", "test"))
-    by_arch = {arch: run.evaluate_splits(("test",), model=arch)["test"]["mean"] for arch in archs}
+    # other architectures: one net each (the distillation seeds replicate them)
+    by_arch = {arch: run.evaluate_splits(("test",), model=arch, n_nets=1)["test"]["mean"] for arch in archs}
     eval_seconds = time.perf_counter() - t0
     tail = history[-min(5, len(history)):]
     mi = {k: sum(h[k] for h in tail) / len(tail) for k in tail[-1] if k.startswith("mi_est/")}
@@ -247,7 +250,7 @@ def run_cell(cell: Cell, base: dict[str, Any], experts_dir: str, threads: int = 
             "accuracy_std": test["std"], "accuracies": test["accuracies"], "val_accuracy_mean": val["mean"],
             "val_accuracies": val["accuracies"], "archs": by_arch, "mi_est": mi,
             "final_loss": tail[-1].get("loss"), "mim_loss": tail[-1].get("mim_loss"),
-            "distill_seconds": distill_seconds, "eval_seconds": eval_seconds}
+            "distill_seconds": distill_seconds, "distill_cpu_seconds": distill_cpu, "eval_seconds": eval_seconds}
 
 
 def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: int = 1, console=None,
@@ -280,7 +283,8 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
         if console is not None:
             console.print(f"warning: {message}", soft_wrap=True)
 
-    pending_idx = [i for i, k in enumerate(keys) if not _cached(cache / f"{k}.json", k, warn)] \
+    # (cells with the same settings share one key: the first of them runs, the others read its result)
+    pending_idx = [i for i, k in enumerate(keys) if keys.index(k) == i and not _cached(cache / f"{k}.json", k, warn)] \
         if dist.is_main else None
     pending_idx = dist.broadcast_object(pending_idx, "agreeing on the pending sweep cells")
     if pending_idx and cell_settings(cells[0], base).choice.spec.needs_experts:
@@ -349,23 +353,66 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
             for k, c in zip(keys, cells, strict=True)]
 
 
+def _seed_values(members: list[dict], key: str) -> list[float]:
+    """One value per distillation seed (seed order): the mean over that seed's evaluation nets."""
+    return [float(m[key]) for m in sorted(members, key=lambda m: m["seed"]) if m.get(key) is not None]
+
+
 def summarise(results: list[dict]) -> list[dict]:
-    """Group results by swept values: accuracy mean ± std over seeds x nets, MI bound per layer."""
+    """Group results by swept values: validation and test accuracy as mean and 95 % interval over
+    distillation seeds (the unit: each seed is a new distilled set), MI estimate per layer."""
+    from .stats import mean_ci
+
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault(tuple(sorted(r["params"].items())), []).append(r)
     rows = []
     for key, members in groups.items():
-        accs = [a for m in members for a in m["accuracies"]]
-        seed_means = [m["accuracy_mean"] for m in members]
-        mean = sum(accs) / len(accs)
-        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))
         layers = sorted({k for m in members for k in m["mi_est"]})
-        mi = {k: sum(m["mi_est"].get(k, 0.0) for m in members) / len(members) for k in layers}
-        seed_std = math.sqrt(sum((s - sum(seed_means) / len(seed_means)) ** 2 for s in seed_means) / len(seed_means))
-        rows.append({"params": dict(key), "accuracy_mean": mean, "accuracy_std": std, "seed_std": seed_std,
-                     "n": len(accs), "seeds": len(members), "mi_est": mi})
+        val = _seed_values(members, "val_accuracy_mean")
+        test = mean_ci(_seed_values(members, "accuracy_mean"))
+        rows.append({"params": dict(key), "seeds": len(members), "test": test, "val": mean_ci(val) if val else None,
+                     "mi_est": {k: sum(m["mi_est"].get(k, 0.0) for m in members) / len(members) for k in layers}})
     return rows
+
+
+def default_value(param: str, values: list[str], base: dict[str, Any]) -> str | None:
+    """The grid value that equals the base's own setting (the reference of paired differences), if any."""
+    from .settings import build_settings
+
+    settings = build_settings(base)
+    for v in values:
+        layer = setting_for(param, v)
+        tables = {"mim": settings.mim, "method_config": settings.method_config}
+        if all(tables[t] is not None and all(getattr(tables[t], k) == val for k, val in entries.items())
+               for t, entries in layer.items()):
+            return v
+    return None
+
+
+def one_at_a_time_effects(results: list[dict], grid: dict[str, list[str]], base: dict[str, Any]) -> list[dict]:
+    """Per swept parameter (one at a time): each value minus the default, paired on the same seeds, on the
+    validation split (where settings are chosen), and a within-seed permutation test of "this parameter
+    has no effect" (Holm-adjusted over the parameters). A parameter whose values do not include the
+    default, or with fewer than two common seeds, gets no test."""
+    from .stats import holm, sweep_effects
+
+    out = []
+    for param, values in grid.items():
+        per_value = {v: [r for r in results if r["params"] == {param: v}] for v in values}
+        seeds = sorted(set.intersection(*({r["seed"] for r in rs} for rs in per_value.values())))
+        default = default_value(param, values, base)
+        row = {"param": param, "values": values, "default": default, "effects": None}
+        key = "val_accuracy_mean" if all(r.get("val_accuracy_mean") is not None for r in results) else "accuracy_mean"
+        if default is not None and len(seeds) >= 2:
+            table = {v: [next(r[key] for r in rs if r["seed"] == s) for s in seeds] for v, rs in per_value.items()}
+            row["effects"] = sweep_effects(table, default)
+        row["split"] = "validation" if key == "val_accuracy_mean" else "test"
+        out.append(row)
+    tested = [r for r in out if r["effects"] is not None]
+    for r, p in zip(tested, holm([r["effects"].p_no_effect for r in tested]), strict=True):
+        r["p_no_effect_holm"] = p
+    return out
 
 
 def _order(values: list[str]) -> list[str]:
@@ -375,52 +422,69 @@ def _order(values: list[str]) -> list[str]:
         return values
 
 
+def _pct(iv) -> str:
+    from .stats import format_interval
+
+    return "-" if iv is None else format_interval(iv, digits=2, scale=100)
+
+
 def write_report(results: list[dict], grid: dict[str, list[str]], out: Path, *, title: str, command: str,
-                 one_at_a_time: bool) -> Path:
-    """Markdown table + PNGs: accuracy (± std) and MI bound per layer vs each parameter, heatmap, sensitivity."""
+                 one_at_a_time: bool, base: dict[str, Any] | None = None) -> Path:
+    """Markdown tables + PNGs: validation and test accuracy (mean, 95 % interval over seeds) and the MI
+    estimate per layer vs each parameter; for one-at-a-time sweeps, each value's paired difference from
+    the default and a calibrated "no effect" test (not a range/noise ratio); a heatmap for two-parameter
+    products."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from .io import atomic_write_text
+    from .stats import format_difference
 
     rows = summarise(results)
+    by_params = {tuple(sorted(r["params"].items())): r for r in rows}
     figures: list[str] = []
-    sensitivity: dict[str, tuple[float, float]] = {}
     params = list(grid)
     for param in params:
-        sub = [r for r in rows if param in r["params"] and (not one_at_a_time or len(r["params"]) == 1)]
-        if len(params) > 1 and not one_at_a_time:
-            # product grid: average over the other parameters for the marginal plot
-            merged: dict[str, list[dict]] = {}
-            for r in sub:
-                merged.setdefault(r["params"][param], []).append(r)
-            sub = [{"params": {param: v}, "accuracy_mean": sum(m["accuracy_mean"] for m in ms) / len(ms),
-                    "accuracy_std": sum(m["accuracy_std"] for m in ms) / len(ms),
-                    "seed_std": sum(m["seed_std"] for m in ms) / len(ms),
-                    "mi_est": {k: sum(m["mi_est"].get(k, 0) for m in ms) / len(ms) for k in ms[0]["mi_est"]}}
-                   for v, ms in merged.items()]
-        by_value = {r["params"][param]: r for r in sub}
-        values = [v for v in _order(grid[param]) if v in by_value]
+        values = [v for v in _order(grid[param]) if ((param, v),) in by_params or not one_at_a_time]
+        if one_at_a_time:
+            sub = {v: by_params[((param, v),)] for v in values if ((param, v),) in by_params}
+        else:  # product grid: the marginal over the other parameters (mean of their cells' means)
+            from .stats import mean_ci
+
+            sub = {}
+            for v in values:
+                members = [r for r in results if r["params"].get(param) == v]
+                if members:
+                    by_seed: dict[int, list[dict]] = {}
+                    for m in members:
+                        by_seed.setdefault(m["seed"], []).append(m)
+                    test = [sum(m["accuracy_mean"] for m in ms) / len(ms) for ms in by_seed.values()]
+                    sub[v] = {"test": mean_ci(test), "val": None, "mi_est": {}}
+        values = [v for v in values if v in sub]
         if not values:
             continue
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
         xs = range(len(values))
-        ax1.errorbar(xs, [100 * by_value[v]["accuracy_mean"] for v in values],
-                     yerr=[100 * by_value[v]["accuracy_std"] for v in values], marker="o", capsize=4)
+        for split in ("val", "test"):
+            ivs = [sub[v][split] for v in values]
+            if any(iv is None for iv in ivs):
+                continue
+            ax1.errorbar(xs, [100 * iv.mean for iv in ivs], capsize=4, marker="o",
+                         yerr=[100 * iv.half_width if math.isfinite(iv.half_width) else 0 for iv in ivs],
+                         label="validation" if split == "val" else "test")
         ax1.set_xticks(list(xs), values)
         ax1.set_xlabel(param)
-        ax1.set_ylabel("test accuracy (%)")
-        ax1.set_title(f"accuracy vs {param}")
-        layers = sorted({k for v in values for k in by_value[v]["mi_est"]})
+        ax1.set_ylabel("accuracy (%), 95% CI over seeds")
+        ax1.legend(fontsize=7)
+        layers = sorted({k for v in values for k in sub[v]["mi_est"]})
         for layer in layers:
-            ax2.plot(xs, [by_value[v]["mi_est"].get(layer, math.nan) for v in values], marker="o",
+            ax2.plot(xs, [sub[v]["mi_est"].get(layer, math.nan) for v in values], marker="o",
                      label=layer.removeprefix("mi_est/"))
         ax2.set_xticks(list(xs), values)
         ax2.set_xlabel(param)
-        ax2.set_ylabel("MI estimate (nats)")
-        ax2.set_title("InfoNCE bound per layer")
+        ax2.set_ylabel("MI estimate log M - L (nats)")
         if layers:
             ax2.legend(fontsize=7)
         fig.tight_layout()
@@ -428,31 +492,11 @@ def write_report(results: list[dict], grid: dict[str, list[str]], out: Path, *, 
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         figures.append(name)
-        means = [by_value[v]["accuracy_mean"] for v in values]
-        noise = sum(by_value[v]["seed_std"] for v in values) / len(values)
-        sensitivity[param] = (max(means) - min(means), noise)
-
-    if sensitivity:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        names = list(sensitivity)
-        spread = [100 * sensitivity[n][0] for n in names]
-        noise = [100 * sensitivity[n][1] for n in names]
-        xs = range(len(names))
-        ax.bar([x - 0.2 for x in xs], spread, width=0.4, label="spread of mean accuracy over the range")
-        ax.bar([x + 0.2 for x in xs], noise, width=0.4, label="seed noise (std of per-seed means)")
-        ax.set_xticks(list(xs), names)
-        ax.set_ylabel("accuracy points")
-        ax.set_title("sensitivity: effect of each parameter vs seed noise")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "sensitivity.png", dpi=110)
-        plt.close(fig)
-        figures.append("sensitivity.png")
 
     if len(params) == 2 and not one_at_a_time:
         p1, p2 = params
         v1, v2 = _order(grid[p1]), _order(grid[p2])
-        table = {(r["params"][p1], r["params"][p2]): r["accuracy_mean"] for r in rows}
+        table = {(r["params"][p1], r["params"][p2]): r["test"].mean for r in rows}
         grid_vals = [[100 * table.get((a, b), math.nan) for b in v2] for a in v1]
         fig, ax = plt.subplots(figsize=(1.2 * len(v2) + 2.5, 0.8 * len(v1) + 1.8))
         im = ax.imshow(grid_vals, cmap="viridis")
@@ -463,26 +507,38 @@ def write_report(results: list[dict], grid: dict[str, list[str]], out: Path, *, 
         for i, row in enumerate(grid_vals):
             for j, val in enumerate(row):
                 ax.text(j, i, f"{val:.1f}", ha="center", va="center", color="w", fontsize=8)
-        fig.colorbar(im, label="accuracy (%)")
+        fig.colorbar(im, label="test accuracy (%)")
         fig.tight_layout()
         fig.savefig(out / "heatmap.png", dpi=110)
         plt.close(fig)
         figures.append("heatmap.png")
 
     lines = [f"# {title}", "", f"Produced by: `{command}`", "",
-             "| setting | accuracy (%) | std over nets x seeds | seed noise | n | MI estimate per layer (nats) |",
-             "|---|---|---|---|---|---|"]
+             "Accuracy: mean over distillation seeds (each a new distilled set; the mean over its evaluation "
+             "nets) with its 95 % t interval. Choose settings on the validation column; the test column is "
+             "for final reporting only.", "",
+             "| setting | validation % | test % | seeds | MI estimate per layer (nats) |", "|---|---|---|---|---|"]
     for r in rows:
         label = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         mi = ", ".join(f"{k.removeprefix('mi_est/')}: {v:.3f}" for k, v in r["mi_est"].items()) or "-"
-        lines.append(f"| {label} | {100 * r['accuracy_mean']:.2f} | {100 * r['accuracy_std']:.2f} | "
-                     f"{100 * r['seed_std']:.2f} | {r['n']} | {mi} |")
-    if sensitivity:
-        lines += ["", "## Sensitivity (accuracy points)", "", "| parameter | spread over range | seed noise | ratio |",
-                  "|---|---|---|---|"]
-        for name, (spread, noise) in sensitivity.items():
-            ratio = spread / noise if noise > 0 else math.inf
-            lines.append(f"| {name} | {100 * spread:.2f} | {100 * noise:.2f} | {ratio:.2f} |")
+        lines.append(f"| {label} | {_pct(r['val'])} | {_pct(r['test'])} | {r['seeds']} | {mi} |")
+    if one_at_a_time and base is not None:
+        lines += ["", "## Effects (paired on the same seeds, minus the default)", ""]
+        for e in one_at_a_time_effects(results, grid, base):
+            if e["effects"] is None:
+                why = "no default among the values" if e["default"] is None else "fewer than two seeds"
+                lines.append(f"- {e['param']}: no test ({why}).")
+                continue
+            fx = e["effects"]
+            verdict = "has an effect" if e["p_no_effect_holm"] < 0.05 else "no detectable effect"
+            lines += [f"### {e['param']} (default {e['default']}): {verdict} — within-seed permutation p = "
+                      f"{fx.p_no_effect:.3f}, Holm-adjusted over parameters {e['p_no_effect_holm']:.3f}", "",
+                      f"| value | minus default ({e['split']}, points) | paired t p (Holm over values) |",
+                      "|---|---|---|"]
+            for eff in fx.effects:
+                lines.append(f"| {e['param']}={eff.setting} | {format_difference(eff.diff, digits=2, scale=100)} | "
+                             f"{eff.p_value:.3f} ({eff.p_holm:.3f}) |")
+            lines.append("")
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")

@@ -64,6 +64,7 @@ class EvalConfig(Validated):
     width: int = 128
     depth: int | None = None
     model: str = "convnet"
+    resnet_width: int = 64  # ResNet-18's base width when model = "resnet18" (64: the originals'; 16: small)
     nets_per_pass: int = 0
 
     def validate(self) -> None:
@@ -81,6 +82,8 @@ class EvalConfig(Validated):
         require(self.model in MODELS, f"eval model must be one of {', '.join(MODELS)}, got {self.model!r}.")
         require(self.depth is None or self.model == "convnet",
                 f"eval depth applies to the ConvNet only; unset it for model {self.model!r}.")
+        require(_is_int(self.resnet_width) and self.resnet_width >= 1,
+                f"eval resnet_width must be an integer of at least 1, got {self.resnet_width!r}.")
         require(_is_int(self.nets_per_pass) and self.nets_per_pass >= 0,
                 f"eval nets_per_pass must be an integer >= 0 (0 = all at once), got {self.nets_per_pass!r}.")
 
@@ -140,7 +143,7 @@ def fresh_net(dataset: Dataset, cfg: EvalConfig, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         return build_model(dataset.channels, dataset.num_classes, dataset.image_size, width=cfg.width,
-                           depth=cfg.depth, kind=cfg.model)
+                           depth=cfg.depth, kind=cfg.model, resnet_width=cfg.resnet_width)
 
 
 def _check_batchnorm_batches(net: nn.Module, n: int, cfg: EvalConfig) -> None:

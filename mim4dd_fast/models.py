@@ -170,22 +170,25 @@ class ResNet18(nn.Module):
     3x3 stem (64 channels, no max pool), four stages of two basic blocks (64, 128, 256, 512 channels;
     strides 1, 2, 2, 2), global average pooling, one Linear. The originals pool with a fixed 4x4
     window, which is the global average at 32x32 and 28x28; global pooling also works on smaller inputs.
+    ``base_width`` scales every stage (64 = the originals'; 16 = a small ResNet-18 with 1/16 of the
+    FLOPs, the same depth, blocks and BatchNorm).
     """
 
-    def __init__(self, channels: int, num_classes: int, image_size: int) -> None:
+    def __init__(self, channels: int, num_classes: int, image_size: int, base_width: int = 64) -> None:
         super().__init__()
-        if num_classes < 1 or channels < 1:
-            raise ConfigError("ResNet-18 channels and num_classes must both be at least 1.")
+        if num_classes < 1 or channels < 1 or base_width < 1:
+            raise ConfigError("ResNet-18 channels, num_classes and base width must all be at least 1.")
         self.channels, self.num_classes, self.image_size = channels, num_classes, image_size
-        self.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        stages, in_planes = [], 64
-        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        w = base_width
+        self.conv1 = nn.Conv2d(channels, w, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        stages, in_planes = [], w
+        for planes, stride in ((w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2)):
             stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)))
             in_planes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(512, num_classes)
+        self.classifier = nn.Linear(8 * w, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -198,12 +201,13 @@ MODELS = ("convnet", "mlp", "lenet", "resnet18")
 
 def build_model(
     channels: int, num_classes: int, image_size: int, width: int = 128, depth: int | None = None,
-    norm: str = "instancenorm", *, kind: str = "convnet",
+    norm: str = "instancenorm", *, kind: str = "convnet", resnet_width: int = 64,
 ) -> nn.Module:
     """A fresh network of architecture ``kind`` (one of MODELS; ConvNet by default).
 
     ``width`` is the ConvNet's width and the MLP's hidden units; ``depth`` and ``norm`` are the
-    ConvNet's. LeNet and ResNet-18 have the originals' fixed widths.
+    ConvNet's; ``resnet_width`` is ResNet-18's base width (64 = the originals'). LeNet has the
+    originals' fixed widths.
     """
     if kind == "convnet":
         return ConvNet(channels, num_classes, image_size, width=width, depth=depth, norm=norm)
@@ -214,7 +218,7 @@ def build_model(
     if kind == "lenet":
         return LeNet(channels, num_classes, image_size)
     if kind == "resnet18":
-        return ResNet18(channels, num_classes, image_size)
+        return ResNet18(channels, num_classes, image_size, base_width=resnet_width)
     raise ConfigError(f"Unknown model {kind!r}; choose one of {', '.join(MODELS)}.")
 
 

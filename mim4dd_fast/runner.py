@@ -56,7 +56,8 @@ def resolve_experts(settings: Settings, dataset, store: str | Path, device: str,
         return None
     plan = plan_for(settings.method_config, dataset)
     return ensure_experts(dataset, store, num_experts=settings.run.num_experts,
-                          epochs=settings.run.expert_epochs or plan.epochs, seed=settings.run.seed,
+                          epochs=settings.run.expert_epochs or plan.epochs,
+                          seed=settings.run.seed if settings.run.expert_seed is None else settings.run.expert_seed,
                           model_kwargs=plan.model_kwargs, device=device, progress=progress, dist=dist)
 
 

@@ -42,6 +42,7 @@ class RunSettings(Validated):
     evals: int = 5  # evaluation nets at the end
     num_experts: int = 5  # MTT only
     expert_epochs: int = 0  # MTT only; 0 = max_start_epoch + expert_epochs (all that is needed)
+    expert_seed: int | None = None  # seed of the expert trajectories; unset = the run's seed (studies share one buffer)
 
     def validate(self) -> None:
         run_choice(self)
@@ -55,6 +56,8 @@ class RunSettings(Validated):
         require(self.expert_epochs >= 0, f"expert_epochs must be 0 or positive, got {self.expert_epochs}.")
         require(self.init in ("real", "noise"), f"init must be 'real' or 'noise', got {self.init!r}.")
         check_seed(self.seed)
+        if self.expert_seed is not None:
+            check_seed(self.expert_seed, "expert_seed")
 
 
 @dataclass

@@ -99,19 +99,24 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     assert [r["accuracy_mean"] for r in results] == [0.5, 0.6]
 
 
-def test_report_on_a_two_cell_fake_sweep(tmp_path):
+def test_report_on_a_fake_sweep_states_paired_effects(tmp_path):
+    """Three seeds, tau=0.5 better than the default tau=0.1 by 2, 3 and 4 points on validation: the report
+    gives the mean over seeds with its interval, the paired difference (mean 3 points) and a no-effect test."""
     grid = {"tau": ["0.1", "0.5"]}
-    cells = make_cells(grid, [0])
-    results = [_fake_result(cells[0], 0.70), _fake_result(cells[1], 0.80)]
+    cells = make_cells(grid, [0, 1, 2], one_at_a_time=True)
+    results = []
+    for c in cells:
+        r = _fake_result(c, 0.70 + 0.01 * c.seed)
+        r["val_accuracy_mean"] = 0.60 + 0.01 * c.seed + (0.01 * (2 + c.seed) if c.params == (("tau", "0.5"),) else 0)
+        results.append(r)
+    base = {"method": "dm+mim"}  # tau's default, 0.1, is one of the values
     path = ablation.write_report(results, grid, tmp_path, title="t", command="python bench/ablate.py x",
-                                 one_at_a_time=False)
+                                 one_at_a_time=True, base=base)
     text = path.read_text()
-    assert "| tau=0.1 | 70.00 |" in text and "| tau=0.5 | 80.00 |" in text
-    assert "blocks.1: 0.800" in text and "python bench/ablate.py x" in text
-    # spread 10 points vs seed noise 0 -> listed in the sensitivity table
-    assert "| tau | 10.00 | 0.00 |" in text
-    for name in ("tau.png", "sensitivity.png"):
-        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert "| tau=0.1 | 61.00 ± 2.48 [58.52, 63.48] | 71.00 ± 2.48 [68.52, 73.48] | 3 |" in text
+    assert "### tau (default 0.1)" in text and "| tau=0.5 | +3.00 ± 2.48 [0.52, 5.48]" in text
+    assert "blocks.1: 0.800" in text and "python bench/ablate.py x" in text and "sensitivity" not in text
+    assert (tmp_path / "tau.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_two_parameter_grid_writes_heatmap(tmp_path):

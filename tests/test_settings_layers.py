@@ -77,3 +77,27 @@ def test_bad_set_items_are_one_sentence(tmp_path, capsys, items, message):
 def test_term_flags_need_a_term(tmp_path, capsys):
     assert main(["distill", "--method", "dm", *FAST, "--lam", "1", "--out", str(tmp_path / "r")]) == 2
     assert "has no MIM term; use 'dm+mim'" in capsys.readouterr().err
+
+
+def test_expert_seed_shares_one_buffer_across_distillation_seeds(digits, tmp_path, monkeypatch):
+    """Unset, the experts follow the run's seed; set, every distillation seed resolves the same experts."""
+    from mim4dd_fast import runner
+
+    asked = []
+    monkeypatch.setattr("mim4dd_fast.experts.ensure_experts", lambda *a, **k: asked.append(k["seed"]) or [])
+    for seed in (3, 4):
+        runner.resolve_experts(build_settings({"method": "mtt", "seed": seed}), digits, tmp_path, "cpu")
+        runner.resolve_experts(build_settings({"method": "mtt", "seed": seed, "expert_seed": 0}), digits, tmp_path,
+                               "cpu")
+    assert asked == [3, 0, 4, 0]
+    assert runner.resolve_experts(build_settings({"method": "dm"}), digits, tmp_path, "cpu") is None
+
+
+def test_small_resnet18_scales_every_stage():
+    from mim4dd_fast.models import build_model
+
+    full = build_model(3, 10, 32, kind="resnet18")
+    small = build_model(3, 10, 32, kind="resnet18", resnet_width=16)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert full.classifier.in_features == 512 and small.classifier.in_features == 128
+    assert 14 < count(full) / count(small) < 17  # conv weights scale with width^2
