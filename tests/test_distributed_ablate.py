@@ -58,7 +58,7 @@ def test_torchrun_sweep_splits_cells_gathers_on_rank0_and_resumes(tmp_path):
     assert "torchrun --nproc-per-node 2 bench/ablate.py" in report
     for tau in ("0.1", "0.5"):
         row = next(line for line in report.splitlines() if line.startswith(f"| tau={tau} |"))
-        assert row.split("|")[5].strip() == "2"  # n = 2 evaluation nets (one per seed)
+        assert row.split("|")[4].strip() == "2"  # 2 distillation seeds
     assert (out / "tau.png").read_bytes()[:4] == b"\x89PNG"
 
     # resume in ONE process: only rank 1's cells (deleted) are recomputed, to the same numbers (same seeds,
