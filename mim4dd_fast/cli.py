@@ -260,7 +260,7 @@ def _cmd_experts(args: argparse.Namespace) -> int:
     from .experts import train_experts
     from .models import default_depth
 
-    _at_least(args, "num_experts", "epochs", "batch_size", "width", "depth", "image_size")
+    _at_least(args, "num_experts", "epochs", "batch_size", "width", "depth", "image_size", "experts_per_pass")
     if not args.lr > 0 or args.lr != args.lr or args.lr == float("inf"):
         raise UserError(f"--lr must be a positive finite number, got {args.lr}.")
     _check_seed(args)
@@ -283,7 +283,8 @@ def _cmd_experts(args: argparse.Namespace) -> int:
 
         paths = train_experts(dataset, args.out, num_experts=args.num_experts, epochs=args.epochs, seed=args.seed,
                               lr=args.lr, batch_size=args.batch_size, dsa=not args.no_dsa,
-                              model_kwargs=model_kwargs, device=device, progress=report, dist=dist)
+                              model_kwargs=model_kwargs, device=device, progress=report, dist=dist,
+                              **({"experts_per_pass": args.experts_per_pass} if args.experts_per_pass else {}))
     if dist.is_main:
         ranks = f" ({dist.world_size} ranks)" if dist.enabled else ""
         _stdout().print(f"{len(paths)} expert trajectories ({args.epochs} epochs each) in {args.out}{ranks}")
@@ -341,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--width", type=int, default=128)
     ex.add_argument("--depth", type=int, default=None)
     ex.add_argument("--no-dsa", action="store_true", help="train the experts without DSA")
+    ex.add_argument("--experts-per-pass", type=int, default=None,
+                    help="experts trained together as one grouped net (speed and memory only: the files are the "
+                         "same; 1 = one by one; default: experts.EXPERTS_PER_PASS)")
     ex.add_argument("--out", required=True, help="directory for the expert files and manifest (under torchrun on "
                                                  "several nodes: one every node shares)")
     _add_dist_args(ex)
