@@ -36,8 +36,8 @@ from .checks import KernelArgumentError, check_contrastive_args, check_contrasti
 from .critics import CRITICS
 from .reference import NORM_EPS, compute_dtype, contrastive_loss_reference
 
-__all__ = ["contrastive_loss", "contrastive_flops", "resolve_impl", "resolve_precision", "IMPLS", "PRECISIONS",
-           "EAGER_MAX_LOGITS"]
+__all__ = ["contrastive_loss", "contrastive_flops", "resolve_impl", "resolve_precision", "torch_matmul_precision",
+           "IMPLS", "PRECISIONS", "EAGER_MAX_LOGITS"]
 
 IMPLS = ("auto", "chunked", "triton", "reference")
 PRECISIONS = ("auto", *contrastive_triton.PRECISIONS)
@@ -137,8 +137,9 @@ class _Prepared:
 
 
 @contextlib.contextmanager
-def _torch_matmul_precision(device: torch.device, precision: str):
-    """cuBLAS GEMMs of the PyTorch path: TF32 only for "tf32" (no 3xTF32 there; fp32 is as accurate)."""
+def torch_matmul_precision(device: torch.device, precision: str):
+    """cuBLAS GEMMs of the PyTorch paths at ``precision``: TF32 only for "tf32" (cuBLAS has no 3xTF32
+    mode; plain fp32 is at least as accurate). No effect on CPU."""
     if device.type != "cuda":
         yield
         return
@@ -164,7 +165,7 @@ def _forward_impl(a, b, ya, yb, tau, critic, noise_ratio, neg_weight, reduction,
     lowest, any_positive = torch.stack([torch.minimum(p.ya.min(), p.yb.min()), p.valid.any().long()]).tolist()
     check_contrastive_labels(lowest, bool(any_positive))
     path = _path(impl)
-    with _torch_matmul_precision(a.device, precision):
+    with torch_matmul_precision(a.device, precision):
         loss, stat, u = path.forward(p.a_hat, p.b_hat, p.ya, p.yb, p.inv_npos, p.w_neg, p.log_k, tau, critic,
                                      precision, need_u)
     coef = CRITICS[critic].positive_coef(p.inv_npos)
@@ -207,7 +208,7 @@ def _backward_impl(gout, a, b, ya, yb, stat, u, tau, critic, noise_ratio, neg_we
         grad_a = _normalize_backward(row_scale[:, None] * u, p.a_hat, p.ra).to(a.dtype)
     grad_b = b.new_empty(0)
     if need_b:
-        with _torch_matmul_precision(a.device, precision):
+        with torch_matmul_precision(a.device, precision):
             gb_hat = _path(impl).grad_b(p.a_hat, p.b_hat, p.ya, p.yb, p.inv_npos, p.w_neg, p.log_k, stat, row_scale,
                                         tau, critic, precision)
         coef = CRITICS[critic].positive_coef(p.inv_npos)

@@ -16,6 +16,12 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .kernels import feature_reduce
 
+POOLS = ("auto", "feature_reduce", "plain")
+# How a tap pools: "feature_reduce" (saves nothing for backward), "plain" (F.adaptive_avg_pool2d, which
+# saves its input) or "auto" (feature_reduce where the map needs a gradient, plain elsewhere).
+# bench/kernels.py `tap` switches it to measure the difference in real steps.
+POOL = "auto"
+
 
 def valid_tap_names(model: nn.Module) -> list[str]:
     """Layers a tap may name: the model's ``tap_names`` if it declares them, else every named module."""
@@ -80,6 +86,8 @@ class FeatureTap:
                 )
             if self.mode == "naive":
                 self._features[name] = output
+            elif POOL == "plain" or (POOL == "auto" and not (output.requires_grad and torch.is_grad_enabled())):
+                self._features[name] = self._reduce_naive(output)
             else:
                 self._features[name] = feature_reduce(output, self.p, out_dtype=self.out_dtype)
 

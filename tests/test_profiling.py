@@ -99,6 +99,17 @@ def test_time_calls_splits_warmup_and_summary_statistics():
     assert math.isnan(profiling.percentile([], 50))
 
 
+def test_time_interleaved_runs_round_robin_and_divides_inner_calls(monkeypatch):
+    calls = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(profiling.time, "perf_counter", lambda: float(next(clock)))  # +1 s per reading
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = profiling.time_interleaved(fns, repeats=3, warmup=1, inner={"b": 4})
+    # one warm-up round then three measured rounds, each a then b; b runs 4 calls per sample
+    assert calls == (["a"] + ["b"] * 4) * 4
+    assert times == {"a": [1.0] * 3, "b": [0.25] * 3}  # one clock tick per sample, / inner calls
+
+
 def test_measure_memory_reports_saved_bytes_on_cpu():
     w = torch.randn(256, 256, requires_grad=True)
     x = torch.randn(64, 256)
