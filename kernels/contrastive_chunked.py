@@ -49,9 +49,11 @@ def forward(a_hat, b_hat, ya, yb, inv_npos, w_neg, log_k, tau, critic, precision
         e = min(N, s + rows)
         x = _mm(a_scaled[s:e], b_t, buf[: e - s], bf16)
         eq = lambda s=s, e=e: ya[s:e, None] == yb[None, :]  # built only by critics that need the mask
-        loss[s:e], stat[s:e] = crit.chunk_forward(x, eq, inv_npos[s:e], w_neg[s:e], log_k, need_u)
+        loss[s:e], stat[s:e], scale = crit.chunk_forward(x, eq, inv_npos[s:e], w_neg[s:e], log_k, need_u)
         if need_u:
             _mm(x, b_hat, u[s:e], bf16)
+            if scale is not None:  # a per-row factor: cheaper on [rows, D] than on the [rows, M] chunk
+                u[s:e].mul_(scale[:, None])
     return loss, stat, u
 
 
@@ -68,9 +70,9 @@ def grad_b(a_hat, b_hat, ya, yb, inv_npos, w_neg, log_k, stat, row_scale, tau, c
         x = _mm(a_scaled[s:e], b_t, buf[: e - s], bf16)
         eq = lambda s=s, e=e: ya[s:e, None] == yb[None, :]
         crit.chunk_grad(x, eq, stat[s:e], inv_npos[s:e], w_neg[s:e], log_k)
-        x.mul_(row_scale[s:e, None])
+        a_weighted = a_hat[s:e] * row_scale[s:e, None]  # the row weights on [rows, D], not on the chunk
         if bf16:
-            gb.add_(torch.mm(x.T.to(torch.bfloat16), a_hat[s:e].to(torch.bfloat16)))
+            gb.add_(torch.mm(x.T.to(torch.bfloat16), a_weighted.to(torch.bfloat16)))
         else:
-            gb.addmm_(x.T, a_hat[s:e])
+            gb.addmm_(x.T, a_weighted)
     return gb

@@ -26,14 +26,13 @@ def positive_coef(inv_npos):
 
 
 def chunk_forward(x, eq, inv_npos, w_neg, log_k, need_h):
-    """Logsumexp of a [rows, M] logits chunk (overwritten); with need_h, x becomes the softmax."""
+    """Logsumexp of a [rows, M] logits chunk; x becomes exp(x - rowmax), the softmax times the row sum
+    (so the returned scale 1/sum turns h @ b into softmax @ b without another pass over the chunk)."""
     m = x.amax(dim=1)
     x.sub_(m[:, None]).exp_()
     s = x.sum(dim=1)
     lse = m + s.log()
-    if need_h:
-        x.div_(s[:, None])
-    return lse, lse
+    return lse, lse, 1.0 / s
 
 
 def chunk_grad(x, eq, stat, inv_npos, w_neg, log_k):

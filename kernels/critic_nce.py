@@ -41,7 +41,7 @@ def _grad_into(x, s, eq, inv_npos, w_neg):
 
 
 def chunk_forward(x, eq, inv_npos, w_neg, log_k, need_h):
-    """Row loss of a [rows, M] logits chunk (overwritten); with need_h, x becomes dl/dx."""
+    """Row loss of a [rows, M] logits chunk (overwritten); with need_h, x becomes dl/dx (scale None)."""
     eq = eq()
     s = _signed(x, eq, log_k)
     sp = F.softplus(s)
@@ -49,7 +49,7 @@ def chunk_forward(x, eq, inv_npos, w_neg, log_k, need_h):
     loss = sp_pos * inv_npos + w_neg * (sp.sum(dim=1) - sp_pos)
     if need_h:
         _grad_into(x, s, eq, inv_npos, w_neg)
-    return loss, torch.zeros_like(loss)
+    return loss, torch.zeros_like(loss), None
 
 
 def chunk_grad(x, eq, stat, inv_npos, w_neg, log_k):

@@ -7,9 +7,9 @@ A critic is a module with the same three forms of its math (see ``critic_infonce
 - ``positive_coef(inv_npos)``: coefficient c_i when l_i contains c_i * sum_{j in P_i} x_ij (the driver
   handles that part with per-class sums), or None;
 - chunked PyTorch pieces over a [rows, M] logits chunk: ``chunk_forward(x, eq, inv_npos, w_neg, log_k,
-  need_h) -> (row loss, saved statistic)`` (x becomes dl/dx when need_h) and
-  ``chunk_grad(x, eq, stat, inv_npos, w_neg, log_k)`` (x becomes dl/dx); ``eq()`` gives the chunk's
-  bool positive mask on demand;
+  need_h) -> (row loss, saved statistic, row scale or None)`` (when need_h, x becomes dl/dx up to the
+  row scale) and ``chunk_grad(x, eq, stat, inv_npos, w_neg, log_k)`` (x becomes dl/dx); ``eq()``
+  gives the chunk's bool positive mask on demand;
 - Triton tile functions: ``tile_init(BLOCK_N)``, ``tile_update(x, eq, valid, s1, s2, inv_npos, w_neg,
   log_k) -> (s1, s2, alpha, h)`` (online: previously accumulated h @ b is rescaled by alpha),
   ``tile_final(s1, s2, inv_npos, w_neg) -> (row loss, statistic, scale of the accumulated h @ b)`` and

@@ -38,7 +38,7 @@ def _sq_chunk_forward(x, eq, inv_npos, w_neg, log_k, need_h):
     loss = w_neg * torch.where(eq, 0.0, x * x / 2).sum(dim=1)
     if need_h:
         x.copy_(torch.where(eq, 0.0, x * w_neg[:, None]))
-    return loss, torch.zeros_like(loss)
+    return loss, torch.zeros_like(loss), None
 
 
 def _sq_chunk_grad(x, eq, stat, inv_npos, w_neg, log_k):
