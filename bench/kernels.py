@@ -186,6 +186,10 @@ def measure_group(N: int, D: int, precision: str, impls: list[str], args) -> lis
             stats = summarize_times(samples)
             rows[impl].update(median_s=stats["median"], p90_s=stats["p90"], samples=samples,
                               calls_per_sample=inner[impl], useful_tflops=6 * N * N * D / stats["median"] / 1e12)
+            if "eager" in times:  # per-round ratios: each round timed both within seconds of each other
+                ratios = sorted(t / e for t, e in zip(samples, times["eager"], strict=True))
+                rows[impl].update(vs_eager_median=summarize_times(ratios)["median"], vs_eager_min=ratios[0],
+                                  vs_eager_max=ratios[-1])
         oracle = _oracle(a, b, ya, yb, args.critic) if args.accuracy else None
         for impl, fn in fns.items():
             try:

@@ -15,10 +15,11 @@ import torch
 
 from .critics import CRITICS
 
-# Logits buffer per chunk. CPU: far below glibc's adaptive mmap threshold (32 MiB), so the buffer
-# comes from the heap instead of fresh page-faulting mappings. CUDA: large enough that each chunk
-# is one big GEMM instead of thousands of tiny launches.
-CHUNK_BYTES = 8 << 20
+# Logits buffer per chunk (one buffer per pass, reused by every chunk). CPU: 64 MiB, i.e. few chunks
+# and so few parallel ops: on a busy machine every parallel op waits for a second core, and with
+# 8 MiB chunks (2000 ops per step at 16384 x 16384) that waiting made the path slower than eager
+# (docs/benchmarks.md). CUDA: large enough that each chunk is one big GEMM, not thousands of launches.
+CHUNK_BYTES = 64 << 20
 CUDA_CHUNK_BYTES = 256 << 20
 
 __all__ = ["CHUNK_BYTES", "CUDA_CHUNK_BYTES", "chunk_rows", "forward", "grad_b"]

@@ -42,6 +42,16 @@ if HAVE_TRITON:
         return tl.dot(x, y, acc, input_precision=PRECISION)
 
     @triton.jit
+    def _load_rows(PTR, rows, stride, dk, rmask, dmask, BF16: tl.constexpr, EMULATE: tl.constexpr):
+        """[rows, D_PAD] tile of a row-major matrix (int64 offsets, zeros outside); float32 unless bf16
+        operands go to a real (not interpreted) tl.dot."""
+        t = tl.load(PTR + rows.to(tl.int64)[:, None] * stride + dk[None, :], mask=rmask[:, None] & dmask[None, :],
+                    other=0.0)
+        if EMULATE or not BF16:
+            t = t.to(tl.float32)
+        return t
+
+    @triton.jit
     def _forward_kernel(A, B, YA, YB, INV_NPOS, W_NEG, LOSS, STAT, U,
                         N, M, D, stride_a, stride_b, stride_u, inv_tau, log_k, N_BUCKET, M_BUCKET,
                         INIT: tl.constexpr, UPDATE: tl.constexpr, FINAL: tl.constexpr, NEED_U: tl.constexpr,
@@ -52,9 +62,7 @@ if HAVE_TRITON:
         rows64 = rows.to(tl.int64)
         dk = tl.arange(0, D_PAD)
         dmask = dk < D
-        a = tl.load(A + rows64[:, None] * stride_a + dk[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        if EMULATE or not BF16:
-            a = a.to(tl.float32)
+        a = _load_rows(A, rows, stride_a, dk, rmask, dmask, BF16, EMULATE)  # once for the whole key loop
         ya = tl.load(YA + rows, mask=rmask, other=-1)
         inv_npos = tl.load(INV_NPOS + rows, mask=rmask, other=0.0)
         w_neg = tl.load(W_NEG + rows, mask=rmask, other=0.0)
@@ -63,10 +71,7 @@ if HAVE_TRITON:
         for m0 in range(0, M, BLOCK_M):
             cols = m0 + tl.arange(0, BLOCK_M)
             cmask = cols < M
-            b = tl.load(B + cols.to(tl.int64)[:, None] * stride_b + dk[None, :],
-                        mask=cmask[:, None] & dmask[None, :], other=0.0)
-            if EMULATE or not BF16:
-                b = b.to(tl.float32)
+            b = _load_rows(B, cols, stride_b, dk, cmask, dmask, BF16, EMULATE)  # for the logits and for U
             x = _dot(a, tl.trans(b), None, PRECISION, BF16, EMULATE) * inv_tau
             yb = tl.load(YB + cols, mask=cmask, other=-2)
             valid = cmask[None, :]
@@ -91,18 +96,13 @@ if HAVE_TRITON:
         cols64 = cols.to(tl.int64)
         dk = tl.arange(0, D_PAD)
         dmask = dk < D
-        b = tl.load(B + cols64[:, None] * stride_b + dk[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-        if EMULATE or not BF16:
-            b = b.to(tl.float32)
+        b = _load_rows(B, cols, stride_b, dk, cmask, dmask, BF16, EMULATE)  # once for the whole anchor loop
         yb = tl.load(YB + cols, mask=cmask, other=-2)
         acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
             rmask = rows < N
-            a = tl.load(A + rows.to(tl.int64)[:, None] * stride_a + dk[None, :],
-                        mask=rmask[:, None] & dmask[None, :], other=0.0)
-            if EMULATE or not BF16:
-                a = a.to(tl.float32)
+            a = _load_rows(A, rows, stride_a, dk, rmask, dmask, BF16, EMULATE)
             xt = _dot(b, tl.trans(a), None, PRECISION, BF16, EMULATE) * inv_tau  # [BLOCK_M, BLOCK_N]
             ya = tl.load(YA + rows, mask=rmask, other=-1)
             stat = tl.load(STAT + rows, mask=rmask, other=0.0)
