@@ -32,6 +32,7 @@ ln -sfn "$ROOT/kernels" "$SHIM/mim4dd_fast/kernels"
 # the shim first; the checkout after it (bench/_common.py then leaves sys.path alone)
 export PYTHONPATH="$SHIM:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1 MPLBACKEND=Agg
+[ "$DRY" -eq 0 ] && export TRITON_INTERPRET=0   # compiled Triton (tests/conftest.py sets it only when unset)
 # python -m and inline scripts put the working directory first on sys.path: not the checkout
 cd "$SHIM"
 : > "$OUT/steps.tsv"
@@ -84,7 +85,7 @@ done
 
 # ---- GPU tests (fixed tile configuration, except the test that compares it with autotuning) --------
 export MIM4DD_TRITON_AUTOTUNE=0
-TESTS="$ROOT/tests/test_contrastive_triton.py $ROOT/tests/test_feature_reduce.py $ROOT/tests/test_augment.py $ROOT/tests/test_evaluate.py $ROOT/tests/test_profiling.py"
+TESTS="$ROOT/tests/test_contrastive_triton.py $ROOT/tests/test_feature_reduce.py $ROOT/tests/test_augment.py $ROOT/tests/test_evaluation.py $ROOT/tests/test_profiling.py"
 if "$PY" -c "import pytest" 2>/dev/null; then
     COLLECT=""
     [ "$DRY" -eq 1 ] && COLLECT="--collect-only"

@@ -322,9 +322,8 @@ def _tap_setting(args):
     """The MIM term's inputs and two methods on CIFAR-10-shaped random data (ConvNet-3, width 128)."""
     import torch
 
-    from mim4dd_fast.config import from_mapping
     from mim4dd_fast.methods.mim import MIMConfig, MIMTerm
-    from mim4dd_fast.methods.registry import build_method, config_class
+    from mim4dd_fast.methods.registry import build_method, resolve
     from mim4dd_fast.models import build_model
 
     data = random_dataset(n_per_class=max(args.n_real, args.batch_real) + 1, seed=0)
@@ -338,11 +337,12 @@ def _tap_setting(args):
     x_real = torch.randn(10 * args.n_real, 3, 32, 32)
     y_real = torch.arange(10).repeat_interleave(args.n_real)
     mim = {"n_real": args.n_real}
-    mtt_cfg = {"syn_steps": 5, "max_start_epoch": 1, "expert_epochs": 1}
+    mtt = resolve("mtt").spec
+    mtt_cfg = mtt.config_class(syn_steps=5, max_start_epoch=1, expert_epochs=1)
     methods = {
         "dm+mim": build_method("dm+mim", data, args.ipc, config={"batch_real": args.batch_real}, mim=mim),
         "mtt+mim": build_method("mtt+mim", data, args.ipc, config=mtt_cfg, mim=mim,
-                                experts=random_experts(data, from_mapping(config_class("mtt"), mtt_cfg))),
+                                experts=random_experts(data, mtt.expert_plan(mtt_cfg, data))),
     }
     return net, term, (x_syn, y_syn, x_real, y_real), methods
 
