@@ -83,15 +83,16 @@ for m in $METHODS; do
     CPU_PIDS="$CPU_PIDS $!"
 done
 
-# ---- GPU tests (fixed tile configuration, except the test that compares it with autotuning) --------
+# ---- GPU tests: those named gpu/cuda (fixed tiles, except the test that compares them with autotune) --
 export MIM4DD_TRITON_AUTOTUNE=0
-TESTS="$ROOT/tests/test_contrastive_triton.py $ROOT/tests/test_feature_reduce.py $ROOT/tests/test_augment.py $ROOT/tests/test_evaluation.py $ROOT/tests/test_profiling.py"
+TESTS="$ROOT/tests/test_contrastive_triton.py $ROOT/tests/test_feature_reduce.py $ROOT/tests/test_augment.py"
+TESTS="$TESTS $ROOT/tests/test_evaluation.py $ROOT/tests/test_profiling.py"
 if "$PY" -c "import pytest" 2>/dev/null; then
     COLLECT=""
     [ "$DRY" -eq 1 ] && COLLECT="--collect-only"
     # addopts cleared: pytest-benchmark's --benchmark-disable may not be installed here
     step tests 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
-        --rootdir "$ROOT" -c "$ROOT/pyproject.toml" -m gpu $COLLECT $TESTS
+        --rootdir "$ROOT" -c "$ROOT/pyproject.toml" -k "gpu or cuda" $COLLECT $TESTS
 else
     step tests 120 "$PY" - "$DRY" <<'PYEOF'
 import sys

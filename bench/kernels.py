@@ -545,7 +545,7 @@ def cmd_summary(args) -> int:
         info["crossover"] = {k: cross.get(k) for k in ("measured_crossover_logits", "eager_max_logits")}
     code = steps.get("tests", {}).get("exit_code")
     targets["gpu_tests"] = {"value": code, "bound": "== 0", "status": "PASS" if code == 0 else "FAIL",
-                            "detail": "pytest -m gpu (tests.txt)"}
+                            "detail": "the GPU tests (tests.txt)"}
     for method in args.methods:
         runs = out / "distill"
         targets[f"distill_{method}"] = compare_runs(runs / f"{method}-cpu", runs / f"{method}-{args.other_device}",
@@ -611,6 +611,10 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # no subcommand: say what there is (every subcommand runs for minutes)
+        build_parser().print_help()
+        return 0
     try:
         args = build_parser().parse_args(argv)
         if args.cmd in ("grid", "crossover", "tap") and args.repeats < 1:

@@ -33,13 +33,17 @@ if HAVE_TRITON:
 
     @triton.jit
     def _dot(x, y, acc, PRECISION: tl.constexpr, BF16: tl.constexpr, EMULATE: tl.constexpr):
-        """x @ y (+ acc) in float32 at the requested precision."""
+        """x @ y (+ acc) in float32 at the requested precision. (One return at the end: the compiler
+        generates the code after a constexpr-if's early return as well, and would type-check it.)"""
         if BF16:
             if EMULATE:
-                return tl.dot(x.to(tl.bfloat16).to(tl.float32), y.to(tl.bfloat16).to(tl.float32), acc,
-                              input_precision="ieee")
-            return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16), acc)
-        return tl.dot(x, y, acc, input_precision=PRECISION)
+                out = tl.dot(x.to(tl.bfloat16).to(tl.float32), y.to(tl.bfloat16).to(tl.float32), acc,
+                             input_precision="ieee")
+            else:
+                out = tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16), acc)
+        else:
+            out = tl.dot(x, y, acc, input_precision=PRECISION)
+        return out
 
     @triton.jit
     def _load_rows(PTR, rows, stride, dk, rmask, dmask, BF16: tl.constexpr, EMULATE: tl.constexpr):
@@ -53,7 +57,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _forward_kernel(A, B, YA, YB, INV_NPOS, W_NEG, LOSS, STAT, U,
-                        N, M, D, stride_a, stride_b, stride_u, inv_tau, log_k, N_BUCKET, M_BUCKET,
+                        N, M, D, stride_a, stride_b, stride_u, inv_tau, log_k, N_BUCKET, M_BUCKET, CRITIC_KEY,
                         INIT: tl.constexpr, UPDATE: tl.constexpr, FINAL: tl.constexpr, NEED_U: tl.constexpr,
                         D_PAD: tl.constexpr, PRECISION: tl.constexpr, BF16: tl.constexpr,
                         EMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -88,7 +92,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _grad_b_kernel(A, B, YA, YB, INV_NPOS, W_NEG, STAT, ROW_SCALE, GB,
-                       N, M, D, stride_a, stride_b, stride_g, inv_tau, log_k, N_BUCKET, M_BUCKET,
+                       N, M, D, stride_a, stride_b, stride_g, inv_tau, log_k, N_BUCKET, M_BUCKET, CRITIC_KEY,
                        GRAD: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BF16: tl.constexpr,
                        EMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
         cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,9 +119,17 @@ if HAVE_TRITON:
             acc = _dot(tl.where(valid, h * row_scale[None, :], 0.0), a, acc, PRECISION, BF16, EMULATE)
         tl.store(GB + cols64[:, None] * stride_g + dk[None, :], acc, mask=cmask[:, None] & dmask[None, :])
 
-    # (BLOCK_N, BLOCK_M, warps, stages): the autotuner times the ones that fit the register budget
-    _CONFIGS = [(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 4, 3)]
-    _GPU_FIXED = dict(BLOCK_N=64, BLOCK_M=64, num_warps=8, num_stages=2)
+    # (BLOCK_N, BLOCK_M, warps, stages) the autotuner times, per precision. Chosen by compiling both
+    # kernels for sm_90 (triton 3.9's ptxas, no GPU needed) and reading registers and spills: bf16
+    # and tf32 have spill-free configurations; tf32x3 (each operand split in two) and the fp32 FMA
+    # path spill in every one, least with a narrow key tile.
+    _CONFIGS = {
+        "tf32x3": [(32, 32, 4, 3), (64, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 3)],
+        "tf32": [(64, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2)],
+        "bf16": [(64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2)],
+        "ieee": [(32, 32, 4, 3), (64, 32, 8, 3)],
+    }
+    _GPU_FIXED = dict(BLOCK_N=64, BLOCK_M=32, num_warps=8, num_stages=3)  # in every list above
     _INTERPRETER_FIXED = dict(BLOCK_N=32, BLOCK_M=32)
 
     def _fits(block_n: int, block_m: int, d_pad: int) -> bool:
@@ -125,20 +137,22 @@ if HAVE_TRITON:
         return max(block_n, block_m) * d_pad <= 128 * 128
 
     def _prune(configs, nargs, **kwargs):
-        d_pad = kwargs.get("D_PAD", nargs.get("D_PAD"))
-        kept = [c for c in configs if _fits(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], d_pad)]
-        return kept or configs[:1]
+        arg = lambda name: kwargs.get(name, nargs.get(name))
+        wanted = _CONFIGS["bf16" if arg("BF16") else arg("PRECISION")]
+        kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) in wanted
+                and _fits(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], arg("D_PAD"))]
+        return kept or [c for c in configs if c.kwargs["BLOCK_N"] == 32 and c.kwargs["BLOCK_M"] == 32][:1]
 
     def _autotuned(kernel, key):
-        configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s)
-                   for bn, bm, w, s in _CONFIGS]
+        union = sorted({cfg for cfgs in _CONFIGS.values() for cfg in cfgs})
+        configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s) for bn, bm, w, s in union]
         return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
 
-    # autotune times configurations with CUDA events: GPU only
+    # (N_BUCKET, M_BUCKET, CRITIC_KEY: plain ints the kernels ignore, there for the tuning key)
     _forward_tuned = None if INTERPRET else _autotuned(
-        _forward_kernel, ["N_BUCKET", "M_BUCKET", "D_PAD", "PRECISION", "BF16", "NEED_U", "UPDATE"])
+        _forward_kernel, ["N_BUCKET", "M_BUCKET", "CRITIC_KEY", "D_PAD", "PRECISION", "BF16", "NEED_U"])
     _grad_b_tuned = None if INTERPRET else _autotuned(
-        _grad_b_kernel, ["N_BUCKET", "M_BUCKET", "D_PAD", "PRECISION", "BF16", "GRAD"])
+        _grad_b_kernel, ["N_BUCKET", "M_BUCKET", "CRITIC_KEY", "D_PAD", "PRECISION", "BF16"])
 
 
 def _launch(kernel, tuned, grid_of, args, meta) -> None:
@@ -161,9 +175,9 @@ def _operands(a_hat, b_hat, precision):
     return a_hat, b_hat, dict(D_PAD=d_pad, PRECISION=dot_precision, BF16=bf16, EMULATE=INTERPRET)
 
 
-def _buckets(N: int, M: int):
-    """Autotune keys: sizes rounded to powers of two, so nearby shapes share one tuning."""
-    return max(1, N).bit_length(), max(1, M).bit_length()
+def _tuning_key(N: int, M: int, critic: str):
+    """Autotune keys: sizes rounded to powers of two (nearby shapes share one tuning), the critic."""
+    return max(1, N).bit_length(), max(1, M).bit_length(), list(CRITICS).index(critic)
 
 
 def forward(a_hat, b_hat, ya, yb, inv_npos, w_neg, log_k, tau, critic, precision, need_u):
@@ -176,7 +190,7 @@ def forward(a_hat, b_hat, ya, yb, inv_npos, w_neg, log_k, tau, critic, precision
     a_op, b_op, meta = _operands(a_hat, b_hat, precision)
     u_arg, u_stride = (u, u.stride(0)) if need_u else (loss, 0)
     args = (a_op, b_op, ya, yb, inv_npos, w_neg, loss, stat, u_arg, N, M, D, a_op.stride(0), b_op.stride(0),
-            u_stride, 1.0 / tau, log_k, *_buckets(N, M))
+            u_stride, 1.0 / tau, log_k, *_tuning_key(N, M, critic))
     meta.update(INIT=crit.tile_init, UPDATE=crit.tile_update, FINAL=crit.tile_final, NEED_U=need_u)
     with device_guard(a_hat):
         _launch(_forward_kernel, _forward_tuned, lambda m: (triton.cdiv(N, m["BLOCK_N"]),), args, meta)
@@ -189,7 +203,7 @@ def grad_b(a_hat, b_hat, ya, yb, inv_npos, w_neg, log_k, stat, row_scale, tau, c
     gb = b_hat.new_empty((M, D), dtype=torch.float32)
     a_op, b_op, meta = _operands(a_hat, b_hat, precision)
     args = (a_op, b_op, ya, yb, inv_npos, w_neg, stat, row_scale, gb, N, M, D, a_op.stride(0), b_op.stride(0),
-            gb.stride(0), 1.0 / tau, log_k, *_buckets(N, M))
+            gb.stride(0), 1.0 / tau, log_k, *_tuning_key(N, M, critic))
     meta.update(GRAD=CRITICS[critic].tile_grad)
     with device_guard(a_hat):
         _launch(_grad_b_kernel, _grad_b_tuned, lambda m: (triton.cdiv(M, m["BLOCK_M"]),), args, meta)

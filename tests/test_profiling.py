@@ -142,6 +142,7 @@ def test_environment_lists_versions_and_threads():
     assert env["device"] == "cpu" and env["device_name"]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_peak_sees_an_allocation():
     with profiling.CudaPeak() as peak:
