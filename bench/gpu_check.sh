@@ -7,7 +7,7 @@
 #   bash bench/gpu_check.sh OUTDIR             # on one CUDA GPU, from the repository root (<= 8 min)
 #   bash bench/gpu_check.sh --dry-run OUTDIR   # its non-GPU parts on CPU at tiny sizes; nothing judged
 #
-# Worst case (every step at its time limit): 470 s. Needs only torch and triton (made for the GPU
+# Worst case (every step at its time limit): about 470 s. Needs only torch and triton (made for the GPU
 # image: torch 2.11, triton 3.6), no network, no pip: the checkout is used in place (a temporary
 # directory maps kernels/ to mim4dd_fast/kernels); $PYTHON picks the interpreter (default python3).
 # pytest, hypothesis and rich are optional: without pytest the GPU comparisons run inline.
@@ -79,7 +79,7 @@ distill() {  # distill METHOD DEVICE SECONDS
 CPU_PIDS=""
 for m in $METHODS; do
     rm -rf "$OUT/distill/$m-cpu" "$OUT/distill/$m-cuda"
-    (export OMP_NUM_THREADS=4; distill "$m" cpu 130) &
+    (export OMP_NUM_THREADS=4; distill "$m" cpu 120) &
     CPU_PIDS="$CPU_PIDS $!"
 done
 
@@ -91,10 +91,10 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     COLLECT=""
     [ "$DRY" -eq 1 ] && COLLECT="--collect-only"
     # addopts cleared: pytest-benchmark's --benchmark-disable may not be installed here
-    step tests 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+    step tests 110 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
         --rootdir "$ROOT" -c "$ROOT/pyproject.toml" -k "gpu or cuda" $COLLECT $TESTS
 else
-    step tests 120 "$PY" - "$DRY" <<'PYEOF'
+    step tests 110 "$PY" - "$DRY" <<'PYEOF'
 import sys
 from functools import partial
 import torch
@@ -128,19 +128,20 @@ if [ "$DRY" -eq 1 ]; then
     step crossover 60 "$PY" "$BENCH" crossover --device cpu --sizes 32 64 --dim 16 --repeats 2 \
         --json "$OUT/crossover.json"
 else
-    step bench_targets 100 "$PY" "$BENCH" grid --device cuda --sizes 16384 --dims 128 --repeats 7 \
-        --json "$OUT/kernels.json"
-    step bench_grid_128 55 "$PY" "$BENCH" grid --device cuda --sizes 4096 65536 --dims 128 --repeats 3 \
-        --json "$OUT/kernels_grid_128.json"
-    step bench_grid_512 85 "$PY" "$BENCH" grid --device cuda --sizes 4096 16384 65536 --dims 512 --repeats 3 \
-        --json "$OUT/kernels_grid_512.json"
+    # the headline precision first: a step cut short keeps the groups it finished
+    step bench_targets 160 "$PY" "$BENCH" grid --device cuda --sizes 16384 --dims 128 --repeats 7 \
+        --precisions tf32x3 tf32 bf16 ieee --json "$OUT/kernels.json"
+    step bench_grid_128 45 "$PY" "$BENCH" grid --device cuda --sizes 4096 65536 --dims 128 --repeats 2 \
+        --precisions tf32x3 tf32 bf16 ieee --no-accuracy --json "$OUT/kernels_grid_128.json"
+    step bench_grid_512 50 "$PY" "$BENCH" grid --device cuda --sizes 4096 16384 65536 --dims 512 --repeats 2 \
+        --precisions tf32x3 tf32 bf16 ieee --no-accuracy --json "$OUT/kernels_grid_512.json"
     step crossover 25 "$PY" "$BENCH" crossover --device cuda --repeats 5 --json "$OUT/crossover.json"
     # ---- the same distillations on CUDA (in parallel: tiny), MTT experts shared with the CPU run ----
     CUDA_PIDS=""
     for m in $METHODS; do
         [ -d "$OUT/distill/$m-cpu/experts" ] && mkdir -p "$OUT/distill/$m-cuda" \
             && cp -r "$OUT/distill/$m-cpu/experts" "$OUT/distill/$m-cuda/"
-        (distill "$m" cuda 50) &
+        (distill "$m" cuda 45) &
         CUDA_PIDS="$CUDA_PIDS $!"
     done
     for pid in $CUDA_PIDS; do wait "$pid"; done

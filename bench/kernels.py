@@ -535,9 +535,16 @@ def cmd_summary(args) -> int:
     kernels = _load(out / "kernels.json")
     if kernels is None:
         targets["kernel_benchmark"] = {"value": None, "bound": "ran", "status": "FAIL", "detail": "no kernels.json"}
-    else:
+    else:  # the grid's other files join for "fused_paths_ran"
+        for extra in sorted(out.glob("kernels_*.json")):
+            kernels["rows"] = kernels["rows"] + (_load(extra) or {}).get("rows", [])
         k_targets, info["kernels"] = kernel_targets(kernels)
         targets.update(k_targets)
+    bench = {name: s for name, s in steps.items() if name.startswith("bench")}
+    unfinished = [name for name, s in bench.items() if s.get("exit_code") != 0]
+    targets["benchmark_complete"] = {
+        "value": len(unfinished), "bound": "== 0", "status": "PASS" if bench and not unfinished else "FAIL",
+        "detail": "steps that failed or ran out of time: " + (", ".join(unfinished) or "none")}
     cross = _load(out / "crossover.json")
     targets["auto_dispatch"] = crossover_target(cross) if cross else {
         "value": None, "bound": "ran", "status": "FAIL", "detail": "no crossover.json"}

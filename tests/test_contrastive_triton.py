@@ -125,10 +125,11 @@ LARGE = [(4096, 3001, 128), (1000, 5000, 256), (2049, 2047, 77)]
 
 
 @gpu
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32", "bf16"])
-@pytest.mark.parametrize("critic", ["infonce", "nce"])
+@pytest.mark.parametrize("critic, precision", [("infonce", "ieee"), ("infonce", "tf32x3"), ("infonce", "tf32"),
+                                               ("infonce", "bf16"), ("nce", "tf32x3"), ("nce", "bf16")])
 @pytest.mark.parametrize("N, M, D", LARGE)
 def test_triton_large_on_gpu(critic, precision, N, M, D):
+    """Every precision once; NCE at the two precisions with tensor cores that differ most (few compiles)."""
     a, b, ya, yb = _data(N, M, D, classes=10)
     check_against_float64(_triton(precision), a, b, ya, yb, PRECISION_RTOL[precision], critic=critic,
                           reduction="mean")
@@ -185,7 +186,7 @@ def test_runs_on_the_tensors_gpu_not_the_current_one():
         check_against_float64(_triton(), a, b, ya, yb, 1e-4)
 
 
-def test_kernels_compile_for_a_gpu_without_one():
+def test_kernels_compile_for_sm90_on_a_cpu_machine():
     """The compiler sees code the interpreter never checks (a branch's tl.dot operand dtypes, loop-carried
     types): compile the bf16 forward/grad_b (NCE) and both pooling kernels for sm_90 with triton's ptxas."""
     import json
