@@ -56,16 +56,23 @@ if HAVE_TRITON:
         return t
 
     @triton.jit
+    def _store_rows(PTR, rows, stride, dk, rmask, dmask, value):
+        tl.store(PTR + rows.to(tl.int64)[:, None] * stride + dk[None, :], value, mask=rmask[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _program_block(BLOCK: tl.constexpr, n, D_PAD: tl.constexpr, D):
+        """This program's BLOCK indices of n (and their mask), and the padded feature columns (and theirs)."""
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        dk = tl.arange(0, D_PAD)
+        return idx, idx < n, dk, dk < D
+
+    @triton.jit
     def _forward_kernel(A, B, YA, YB, INV_NPOS, W_NEG, LOSS, STAT, U,
                         N, M, D, stride_a, stride_b, stride_u, inv_tau, log_k, N_BUCKET, M_BUCKET, CRITIC_KEY,
                         INIT: tl.constexpr, UPDATE: tl.constexpr, FINAL: tl.constexpr, NEED_U: tl.constexpr,
                         D_PAD: tl.constexpr, PRECISION: tl.constexpr, BF16: tl.constexpr,
                         EMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        rows64 = rows.to(tl.int64)
-        dk = tl.arange(0, D_PAD)
-        dmask = dk < D
+        rows, rmask, dk, dmask = _program_block(BLOCK_N, N, D_PAD, D)
         a = _load_rows(A, rows, stride_a, dk, rmask, dmask, BF16, EMULATE)  # once for the whole key loop
         ya = tl.load(YA + rows, mask=rmask, other=-1)
         inv_npos = tl.load(INV_NPOS + rows, mask=rmask, other=0.0)
@@ -87,19 +94,14 @@ if HAVE_TRITON:
         tl.store(LOSS + rows, loss, mask=rmask)
         tl.store(STAT + rows, stat, mask=rmask)
         if NEED_U:
-            tl.store(U + rows64[:, None] * stride_u + dk[None, :], acc * scale[:, None],
-                     mask=rmask[:, None] & dmask[None, :])
+            _store_rows(U, rows, stride_u, dk, rmask, dmask, acc * scale[:, None])
 
     @triton.jit
     def _grad_b_kernel(A, B, YA, YB, INV_NPOS, W_NEG, STAT, ROW_SCALE, GB,
                        N, M, D, stride_a, stride_b, stride_g, inv_tau, log_k, N_BUCKET, M_BUCKET, CRITIC_KEY,
                        GRAD: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BF16: tl.constexpr,
                        EMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-        cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cmask = cols < M
-        cols64 = cols.to(tl.int64)
-        dk = tl.arange(0, D_PAD)
-        dmask = dk < D
+        cols, cmask, dk, dmask = _program_block(BLOCK_M, M, D_PAD, D)
         b = _load_rows(B, cols, stride_b, dk, cmask, dmask, BF16, EMULATE)  # once for the whole anchor loop
         yb = tl.load(YB + cols, mask=cmask, other=-2)
         acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
@@ -117,7 +119,7 @@ if HAVE_TRITON:
             eq = (yb[:, None] == ya[None, :]) & valid
             h = GRAD(xt, eq, stat[None, :], inv_npos[None, :], w_neg[None, :], log_k)
             acc = _dot(tl.where(valid, h * row_scale[None, :], 0.0), a, acc, PRECISION, BF16, EMULATE)
-        tl.store(GB + cols64[:, None] * stride_g + dk[None, :], acc, mask=cmask[:, None] & dmask[None, :])
+        _store_rows(GB, cols, stride_g, dk, cmask, dmask, acc)
 
     # (BLOCK_N, BLOCK_M, warps, stages) the autotuner times, per precision. Chosen by compiling both
     # kernels for sm_90 (triton 3.9's ptxas, no GPU needed) and reading registers and spills: bf16
