@@ -141,7 +141,8 @@ else
     for m in $METHODS; do
         [ -d "$OUT/distill/$m-cpu/experts" ] && mkdir -p "$OUT/distill/$m-cuda" \
             && cp -r "$OUT/distill/$m-cpu/experts" "$OUT/distill/$m-cuda/"
-        (distill "$m" cuda 45) &
+        # fp32 convolutions and GEMMs (no TF32 in cuDNN/cuBLAS), as on the CPU side
+        (export NVIDIA_TF32_OVERRIDE=0; distill "$m" cuda 45) &
         CUDA_PIDS="$CUDA_PIDS $!"
     done
     for pid in $CUDA_PIDS; do wait "$pid"; done
