@@ -177,9 +177,12 @@ class PeakRSS:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
+        # reset the mark first, then read the start: RSS that drops in between (memory returned by
+        # another thread) would otherwise leave the reset mark below the start and hide the block's rise
+        reset = _reset_hwm()
         self.start = rss_bytes()
         self.peak = self.start
-        if _reset_hwm():
+        if reset:
             self.method = "vmhwm"
         else:
             self.method = "sampled"
