@@ -177,12 +177,9 @@ class PeakRSS:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
-        # reset the mark first, then read the start: RSS that drops in between (memory returned by
-        # another thread) would otherwise leave the reset mark below the start and hide the block's rise
-        reset = _reset_hwm()
         self.start = rss_bytes()
         self.peak = self.start
-        if reset:
+        if _reset_hwm():
             self.method = "vmhwm"
         else:
             self.method = "sampled"
