@@ -16,7 +16,9 @@ NAME=distill_digits step mim4dd-fast distill --method mim4dd --dataset digits --
 NAME=mim_overhead step $PY bench/compare.py --methods mtt,mim4dd,mtt+mim --dataset random-cifar10 --ipc 10 --iterations 4 --evals 1 --eval-epochs 1 --set num_experts=1 --set method_config.syn_steps=30 --set method_config.width=128 --set method_config.depth=3 --set method_config.max_start_epoch=1 --set method_config.expert_epochs=1 --set mim.n_real=64 --set 'mtt+mim:mim.impl="reference"' --set 'mtt+mim:mim.tap="naive"' --set mtt+mim:mim.real_chunk=100000 --json $OUT/mim_overhead.json
 NAME=unroll_ckpt step $PY bench/unroll.py --modes checkpointed --syn-steps 10 80 --ipc 10 --repeats 1 --json $OUT/unroll_ckpt.json
 NAME=unroll_full step $PY bench/unroll.py --modes full --syn-steps 10 40 --ipc 10 --repeats 1 --json $OUT/unroll_full.json
-NAME=kernels step $PY bench/kernels.py --sizes 1024 4096 16384 --dims 128 512 --impls reference chunked compile --repeats 3 --json $OUT/kernels.json
+NAME=kernels step $PY bench/kernels.py grid --device cpu --sizes 1024 4096 16384 --dims 128 --impls eager compile chunked --repeats 5 --json $OUT/kernels.json
+NAME=kernels_crossover step $PY bench/kernels.py crossover --device cpu --sizes 128 256 512 1024 --dim 128 --repeats 7 --min-sample-s 0.3 --threads 1 --json $OUT/kernels_crossover.json
+NAME=tap step $PY bench/kernels.py tap --repeats 3 --json $OUT/tap.json
 NAME=ablate step $PY bench/ablate.py --workers 2 --out $OUT/ablation
 NAME=complexity step $PY bench/complexity.py --out $OUT/complexity --json $OUT/complexity.json
 NAME=baselines_quiet step $PY bench/baselines.py --rows 'mtt1_s10_full,mtt1_s10_ckpt,mtt1_s20_full,mtt1_s20_ckpt,dc1,dm1,dm10' --repeats 1 --json $OUT/baselines_quiet.json

@@ -28,30 +28,16 @@ around them whose setup_context stores only shape, dtype, p and impl, so torch.f
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mim4dd_fast.errors import ConfigError
-
-try:  # triton is optional at import time (no wheels on some platforms); "auto" falls back to chunked.
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - triton is installed in CI
-    triton = None
-    tl = None
-    HAVE_TRITON = False
-
-# triton.jit decides interpreter vs compiled when the kernels are decorated, i.e. at import.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .backend import HAVE_TRITON, device_guard, tl, triton
+from .checks import check_feature_reduce_args
 
 IMPLS = ("auto", "triton", "chunked")
 
-__all__ = ["feature_reduce", "window", "IMPLS", "HAVE_TRITON"]
+__all__ = ["feature_reduce", "window", "IMPLS"]
 
 
 def window(i: int, size: int, p: int) -> tuple[int, int]:
@@ -148,11 +134,12 @@ def _triton_forward(x: Tensor, p: int, out_dtype: torch.dtype) -> Tensor:
     if rows == 0:
         return out
     block_r, block_hw = _blocks(rows, H * W)
-    _pool_fwd_kernel[(triton.cdiv(rows, block_r),)](
-        x, out, rows, C, H, W, *x.stride(),
-        P=p, PP_PAD=triton.next_power_of_2(p * p), BLOCK_R=block_r, BLOCK_HW=block_hw,
-        ACC=_acc_dtype(x.dtype),
-    )
+    with device_guard(x):
+        _pool_fwd_kernel[(triton.cdiv(rows, block_r),)](
+            x, out, rows, C, H, W, *x.stride(),
+            P=p, PP_PAD=triton.next_power_of_2(p * p), BLOCK_R=block_r, BLOCK_HW=block_hw,
+            ACC=_acc_dtype(x.dtype),
+        )
     return out
 
 
@@ -164,10 +151,11 @@ def _triton_backward(grad: Tensor, shape: list[int], p: int, dtype: torch.dtype)
         return grad_x
     grad = grad.contiguous()
     block_r, block_hw = _blocks(rows, H * W)
-    _pool_bwd_kernel[(triton.cdiv(rows, block_r), triton.cdiv(H * W, block_hw))](
-        grad, grad_x, rows, H, W,
-        P=p, BLOCK_R=block_r, BLOCK_HW=block_hw, ACC=_acc_dtype(dtype),
-    )
+    with device_guard(grad):
+        _pool_bwd_kernel[(triton.cdiv(rows, block_r), triton.cdiv(H * W, block_hw))](
+            grad, grad_x, rows, H, W,
+            P=p, BLOCK_R=block_r, BLOCK_HW=block_hw, ACC=_acc_dtype(dtype),
+        )
     return grad_x
 
 
@@ -283,18 +271,8 @@ class _FeatureReduceBackward(torch.autograd.Function):
 # Public entry
 # ----------------------------------------------------------------------------------------------
 def _resolve_impl(x: Tensor, impl: str) -> str:
-    if impl not in IMPLS:
-        raise ConfigError(f"Unknown feature_reduce impl {impl!r}; choose one of {', '.join(IMPLS)}.")
     if impl == "auto":
         return "triton" if (x.is_cuda and HAVE_TRITON) else "chunked"
-    if impl == "triton":
-        if not HAVE_TRITON:
-            raise ConfigError("feature_reduce impl 'triton' needs the triton package; use impl 'chunked'.")
-        if not x.is_cuda and not _INTERPRET:
-            raise ConfigError(
-                "feature_reduce impl 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 set before "
-                "import on CPU); use impl 'auto' or 'chunked'."
-            )
     return impl
 
 
@@ -304,20 +282,9 @@ def feature_reduce(
     """``adaptive_avg_pool2d(x, p).flatten(1)`` as [B, C*p*p] in ``out_dtype`` (default x's dtype).
 
     Differentiable; saves no tensor for backward (the input gradient comes back in x's dtype).
-    ``impl``: "auto" (triton on CUDA, else chunked), "triton" or "chunked".
+    ``impl``: "auto" (triton on CUDA, else chunked), "triton" or "chunked". Raises
+    KernelArgumentError (a ConfigError) on bad arguments.
     """
-    if x.dim() != 4:
-        raise ConfigError(
-            f"feature_reduce expects a 4-D feature map [B, C, H, W], got shape {tuple(x.shape)}; "
-            "tap a convolutional layer."
-        )
-    if not x.is_floating_point():
-        raise ConfigError(f"feature_reduce expects a floating-point feature map, got {x.dtype}.")
-    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-        raise ConfigError(f"feature_reduce pooling size p must be an integer >= 1, got {p!r}.")
-    if x.shape[2] < 1 or x.shape[3] < 1:
-        raise ConfigError(f"feature_reduce needs a non-empty spatial map, got shape {tuple(x.shape)}.")
+    check_feature_reduce_args(x, p, out_dtype, impl, IMPLS)
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if not out_dtype.is_floating_point:
-        raise ConfigError(f"feature_reduce out_dtype must be a floating-point dtype, got {out_dtype}.")
     return _FeatureReduce.apply(x, p, out_dtype, _resolve_impl(x, impl))

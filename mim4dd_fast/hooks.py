@@ -2,10 +2,15 @@
 
 MIM4DD compares layer-wise features of synthetic and real images. Keeping the full feature maps
 (B x C x H x W per layer) would double the activation memory of a forward pass, so each hook
-immediately reduces its module's output with ``feature_reduce`` (adaptive average pooling to
-p x p, optional cast, saving nothing of the input for backward) and stores only that [B, C*p*p]
-tensor. Module hooks also fire under ``torch.func.functional_call``, so the same tap works for
-MTT's student run from a flat parameter vector.
+immediately pools its module's output to p x p (adaptive average pooling, optional cast) and stores
+only that [B, C*p*p] tensor: that is where the memory is saved. Which op pools (``POOL``):
+``feature_reduce`` saves nothing of its input for backward, ``F.adaptive_avg_pool2d`` saves its
+input. Measured in the MIM term (docs/method.md, "Measured inside the distillation step"), that
+matters only where the map needs a gradient, and there only for the deepest tapped map (the next
+layer keeps every other one anyway), so "auto" uses ``feature_reduce`` exactly there and the plain
+op elsewhere (the real side runs under no_grad, where neither saves anything). Module hooks also fire
+under ``torch.func.functional_call``, so the same tap works for MTT's student run from a flat
+parameter vector.
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .kernels import feature_reduce
+
+POOLS = ("auto", "feature_reduce", "plain")
+# How a tap pools: "auto" (feature_reduce where the map needs a gradient, the plain op elsewhere),
+# "feature_reduce" or "plain" everywhere; `python bench/kernels.py tap` switches it to measure both.
+POOL = "auto"
 
 
 def valid_tap_names(model: nn.Module) -> list[str]:
@@ -81,6 +91,8 @@ class FeatureTap:
                 self._features[name] = output if self.out_dtype is None else output.to(self.out_dtype)
             elif self.mode == "naive":
                 self._features[name] = output
+            elif POOL == "plain" or (POOL == "auto" and not (output.requires_grad and torch.is_grad_enabled())):
+                self._features[name] = self._reduce_naive(output)
             else:
                 self._features[name] = feature_reduce(output, self.p, out_dtype=self.out_dtype)
 

@@ -15,6 +15,8 @@ a small context manager or function so a method's ``step()`` can be measured wit
   backward; conv/matmul/attention plus custom ops with a registered formula; elementwise ops,
   norms and pooling count zero by that convention).
 - ``time_calls``: wall-clock per call with CUDA synchronisation, split into warm-up and measured.
+- ``time_interleaved``: several functions timed side by side (round-robin), so load changes on a
+  shared machine hit all of them alike and their ratio is meaningful.
 - ``trace``: ``torch.profiler`` run written through ``tensorboard_trace_handler``.
 """
 
@@ -311,6 +313,24 @@ def time_calls(
         if i >= warmup:
             times.append(dt)
     return outs, times
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, *, warmup: int = 1, inner: dict[str, int] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured round-robin: ``repeats`` rounds, each timing every
+    function once (``inner[name]`` calls per sample, default 1, divided back out) after ``warmup``
+    untimed rounds."""
+    inner = inner or {}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            k = max(1, int(inner.get(name, 1)))
+            _, dt = timed(lambda fn=fn, k=k: [fn() for _ in range(k)], device)
+            if r >= warmup:
+                times[name].append(dt / k)
+    return times
 
 
 def percentile(values: list[float], q: float) -> float:

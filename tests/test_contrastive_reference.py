@@ -1,10 +1,12 @@
-"""The plain-PyTorch contrastive reference against a textbook loop computation (the spec's oracle)."""
+"""The plain-PyTorch contrastive reference against a textbook loop computation (the spec's oracle),
+and the public entry's argument errors."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
+from mim4dd_fast.kernels import contrastive_loss
 from mim4dd_fast.kernels.reference import contrastive_loss_reference as ref
 
 from mim4dd_fast.errors import ConfigError
@@ -15,7 +17,7 @@ def _softplus(v: float) -> float:
 
 
 def textbook(a, b, ya, yb, tau, critic, k=1.0, w=1.0, reduction="mean"):
-    """DESIGN.md's formula, one anchor and one key at a time, in float64 numpy."""
+    """The loss's definition (docs/method.md), one anchor and one key at a time, in float64 numpy."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     losses, valid = [], []
     for i in range(a.shape[0]):
@@ -113,9 +115,9 @@ def test_separated_clusters_approach_log_m_over_p_from_above():
 
 def _call(**over):
     a, b, ya, yb = _data()
-    kw = dict(a=a, b=b, ya=ya, yb=yb)
+    kw = dict(a=a, b=b, ya=ya, yb=yb, impl="reference")
     kw.update(over)
-    return ref(kw.pop("a"), kw.pop("b"), kw.pop("ya"), kw.pop("yb"), **kw)
+    return contrastive_loss(kw.pop("a"), kw.pop("b"), kw.pop("ya"), kw.pop("yb"), **kw)
 
 
 @pytest.mark.parametrize(
@@ -136,9 +138,14 @@ def _call(**over):
         (dict(noise_ratio=0.0), "noise_ratio"),
         (dict(neg_weight=-1.0), "neg_weight"),
         (dict(ya=torch.full((7,), 99, dtype=torch.long)), "no anchor has a positive"),
+        (dict(impl="cuda"), "impl"),
+        (dict(precision="fp8"), "precision"),
+        (dict(a=torch.zeros(0, 5, dtype=torch.float64), ya=torch.zeros(0, dtype=torch.long)), "at least one row"),
     ],
 )
-def test_errors_are_one_sentence_value_errors(over, words):
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_errors_are_one_sentence_value_errors(over, words, impl):
+    over = {"impl": impl, **over}
     with pytest.raises(ValueError, match=words) as info:
         _call(**over)
     assert isinstance(info.value, ConfigError)

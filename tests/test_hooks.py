@@ -171,3 +171,53 @@ def test_naive_mode_same_features_but_saves_the_full_maps():
     assert sum(s in full for s in saved_naive) > sum(s in full for s in saved_fused)
     with pytest.raises(ConfigError, match="tap mode"):
         FeatureTap(model, mode="lazy")
+
+
+def test_pooling_rule_feature_reduce_only_where_a_gradient_flows(monkeypatch):
+    """POOL="auto": the real side (no_grad) pools with the plain op, the synthetic side with feature_reduce;
+    both give the same features."""
+    from mim4dd_fast import hooks
+
+    calls = []
+    real_op = hooks.feature_reduce
+    monkeypatch.setattr(hooks, "feature_reduce", lambda *a, **k: calls.append(1) or real_op(*a, **k))
+    monkeypatch.setattr(hooks, "POOL", "auto")
+    model, x = _net(), torch.randn(3, 1, 8, 8, requires_grad=True)
+    with FeatureTap(model) as tap:
+        with torch.no_grad():
+            model(x)
+        real = tap.features
+        assert calls == []
+        tap.clear()
+        model(x)
+        syn = tap.features
+        assert len(calls) == 2
+    for name in syn:
+        torch.testing.assert_close(syn[name], real[name])
+
+
+def test_plain_pooling_pins_only_the_deepest_map_of_a_frozen_net(monkeypatch):
+    """With the network frozen (as in the MIM term) and images needing a gradient, each conv keeps its
+    input map anyway; only the last block's map, which nothing else keeps, is extra for plain pooling."""
+    from mim4dd_fast import hooks
+    from mim4dd_fast.profiling import SavedTensorBytes
+
+    torch.manual_seed(0)
+    model = ConvNet(3, 10, 16, width=8)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+
+    def saved(pool):
+        monkeypatch.setattr(hooks, "POOL", pool)
+        with SavedTensorBytes() as s, FeatureTap(model, p=2) as tap:
+            model(x)
+            feats = tap.features
+        return s.peak, feats
+
+    plain, f_plain = saved("plain")
+    fused, f_fused = saved("feature_reduce")
+    c, h, w = model.layer_shapes()[model.tap_names[-1]]
+    assert plain - fused == 4 * c * h * w * 4  # the deepest block output, float32
+    for name in f_plain:
+        torch.testing.assert_close(f_plain[name], f_fused[name])

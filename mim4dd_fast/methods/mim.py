@@ -26,13 +26,13 @@ from ..config import Validated, require
 from ..distributed import SINGLE, Dist
 from ..errors import ConfigError
 from ..hooks import FeatureTap, resolve_layers
-from ..kernels import contrastive_loss
+from ..kernels import CRITICS, contrastive_loss
 from ..kernels.contrastive import IMPLS as CONTRASTIVE_IMPLS
 from .shard import Shard
 
 FEATURE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _CHOICES = {
-    "critic": ("infonce", "nce"),
+    "critic": CRITICS,  # the one list of critics (a live view: a registered critic is accepted)
     "feature_dtype": tuple(FEATURE_DTYPES),
     "head": ("identity", "linear", "mlp"),
     "head_sharing": ("shared", "separate"),
