@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -12,15 +11,9 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing: `python
     sys.path.insert(0, str(ROOT))
 
 
-class ArgError(Exception):
-    """A bad command-line flag: printed as one sentence, exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that raises ArgError (one sentence) instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ArgError(message[0].upper() + message[1:] + ("" if message.endswith(".") else "."))
+# The library's one-sentence flag errors; mim4dd_fast.errors.run_command turns them into exit code 2.
+from mim4dd_fast.errors import FlagError as ArgError  # noqa: E402, F401
+from mim4dd_fast.errors import OneSentenceParser as Parser  # noqa: E402, F401
 
 
 def random_dataset(name: str = "random-cifar10", *, n_per_class: int = 300, channels: int = 3, size: int = 32,
@@ -40,21 +33,19 @@ def random_dataset(name: str = "random-cifar10", *, n_per_class: int = 300, chan
                    mean=(0.0,) * channels, std=(1.0,) * channels)
 
 
-def random_experts(dataset, cfg, *, num: int = 1, seed: int = 0):
+def random_experts(dataset, plan, *, num: int = 1, seed: int = 0):
     """Random-walk 'trajectories' of the right shape for cost measurements (MTT's cost does not depend
-    on the values); real distillation uses ``mim4dd_fast.experts``."""
+    on the values); ``plan`` is the method's ExpertPlan. Real distillation uses ``mim4dd_fast.experts``."""
     import torch
 
-    from mim4dd_fast.experts import epochs_needed
     from mim4dd_fast.models import build_model, flatten_params
 
-    kwargs = cfg.model_kwargs(dataset)
     out = []
     for k in range(num):
         torch.manual_seed(seed + k)
-        net = build_model(dataset.channels, dataset.num_classes, dataset.image_size, **kwargs)
+        net = build_model(dataset.channels, dataset.num_classes, dataset.image_size, **plan.model_kwargs)
         start = flatten_params(net)
-        steps = torch.randn(epochs_needed(cfg), start.numel(), generator=torch.Generator().manual_seed(seed + k))
+        steps = torch.randn(plan.epochs, start.numel(), generator=torch.Generator().manual_seed(seed + k))
         out.append(torch.cat([start[None], start[None] + 0.01 * steps.cumsum(0)]))
     return out
 

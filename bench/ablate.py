@@ -21,21 +21,23 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mim4dd_fast.ablation import DEFAULT_SWEEP, make_cells, parse_grid_args, parse_grid_file, run_sweep, write_report
-from mim4dd_fast.distributed import DistributedError, init_from_env, launched_distributed, rank_prefix, shutdown
-from mim4dd_fast.errors import UserError
+from mim4dd_fast.ablation import (
+    DEFAULT_SWEEP,
+    cell_settings,
+    make_cells,
+    parse_grid_args,
+    parse_grid_file,
+    run_sweep,
+    write_report,
+)
+from mim4dd_fast.distributed import init_from_env, launched_distributed
+from mim4dd_fast.errors import OneSentenceParser, UserError, run_command
 
 console = Console(stderr=True)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        console.print(f"error: {message}.")
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneSentenceParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", action="append", default=[], help="name=v1,v2 (repeat for a product grid)")
     p.add_argument("--grid-file", default=None, help="TOML file with a [grid] table")
     p.add_argument("--one-at-a-time", action="store_true", help="vary one parameter at a time (default sweep)")
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evals", type=int, default=3, help="evaluation nets per cell")
     p.add_argument("--eval-epochs", type=int, default=None)
     p.add_argument("--preset", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                   help="any other setting, as `mim4dd-fast distill --set` (e.g. method.lr_img=100)")
     p.add_argument("--workers", type=int, default=1,
                    help="cells run in parallel processes (single-process launch only; under torchrun use "
                         "--nproc-per-node instead, --workers > 1 is refused)")
@@ -60,29 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        return _run(args, argv)
-    except UserError as exc:
-        console.print(f"{rank_prefix()}error: {exc}", markup=False)
-        return 2
-    except DistributedError as exc:
-        console.print(f"{rank_prefix()}error: {exc}", markup=False)
-        return 1
-    except KeyboardInterrupt:
-        console.print(f"{rank_prefix()}interrupted; rerun the same command to resume from the cached cells.",
-                      markup=False)
-        return 130
-    finally:
-        shutdown()
+    return run_command(lambda: _run(parser.parse_args(argv), argv),
+                       interrupted="interrupted; rerun the same command to resume from the cached cells.")
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from mim4dd_fast.presets import default_preset
-    from mim4dd_fast.settings import build_settings, merge_layers, preset_layer
+    from mim4dd_fast.methods.registry import resolve
+    from mim4dd_fast.presets import default_preset, preset_layer_for
+    from mim4dd_fast.settings import merge_layers, parse_overrides
 
     if args.workers < 1 or args.evals < 1 or args.ipc < 1:
         raise UserError("--workers, --evals and --ipc must each be at least 1.")
@@ -94,7 +83,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise UserError(f"--seeds must be a comma list of integers, got {args.seeds!r}.") from None
     if not seeds:
         raise UserError("--seeds must name at least one seed.")
-    if "+mim" not in args.method and args.method != "mim4dd":
+    choice = resolve(args.method)
+    if not choice.with_term:
         raise UserError(f"Ablations sweep the MIM term; use a +mim method, not {args.method!r}.")
     if args.grid_file:
         grid, one = parse_grid_file(args.grid_file), args.one_at_a_time
@@ -102,16 +92,17 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         grid, one = parse_grid_args(args.grid), args.one_at_a_time
     else:
         grid, one = parse_grid_args([f"{k}={','.join(v)}" for k, v in DEFAULT_SWEEP.items()]), True
-    preset = args.preset or default_preset(args.method, args.dataset, args.ipc)
-    base = merge_layers(preset_layer(preset) if preset else {}, {
+    preset = args.preset or default_preset(choice, args.dataset, args.ipc)
+    base = merge_layers(preset_layer_for(preset, choice) if preset else {}, {
         "method": args.method, "dataset": args.dataset, "data_dir": args.data_dir or "", "ipc": args.ipc,
         "evals": args.evals, **({"iterations": args.iterations} if args.iterations else {}),
-        **({"eval": {"epochs": args.eval_epochs}} if args.eval_epochs else {})})
-    build_settings(base)  # validate before any work (every rank sees the same flags, so all fail alike)
+        **({"eval": {"epochs": args.eval_epochs}} if args.eval_epochs else {})}, parse_overrides(args.set))
+    cells = make_cells(grid, seeds, one_at_a_time=one)
+    for cell in cells:  # validate every cell before any work (every rank sees the same flags, so all fail alike)
+        cell_settings(cell, base)
     dist = init_from_env(args.dist_timeout, "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cells = make_cells(grid, seeds, one_at_a_time=one)
     if dist.is_main:
         ranks = f"; {dist.world_size} ranks" if dist.enabled else ""
         console.print(f"{len(cells)} cells ({'one at a time' if one else 'product'} over {', '.join(grid)}; "

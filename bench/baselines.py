@@ -126,16 +126,16 @@ SMOKE = Shapes(image_size=8, width=16, n_per_class=40, batch_real=16)
 
 def build(row: Row, shapes: Shapes, seed: int = 0):
     """Dataset and (for MTT) random experts: everything that exists before the RSS baseline."""
-    from mim4dd_fast.methods.registry import config_class
+    from mim4dd_fast.methods.registry import resolve
 
     dataset = random_dataset(n_per_class=shapes.n_per_class, size=shapes.image_size, seed=seed)
     config = {**row.config, "width": shapes.width}
     if shapes.batch_real is not None and "batch_real" in config:
         config["batch_real"] = shapes.batch_real
     experts = None
-    if row.method == "mtt":
-        cls = config_class("mtt")
-        experts = random_experts(dataset, cls(**config), num=1, seed=seed)
+    spec = resolve(row.method).spec
+    if spec.needs_experts:
+        experts = random_experts(dataset, spec.expert_plan(spec.config_class(**config), dataset), num=1, seed=seed)
     return dataset, config, experts
 
 

@@ -15,9 +15,9 @@ the accuracy always reflects exactly ``--iterations`` steps.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -25,21 +25,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ArgError, Parser, mib, random_dataset, random_experts, si  # noqa: E402
+from _common import Parser, mib, random_dataset, random_experts, si  # noqa: E402
 
 RANDOM = "random-cifar10"  # Gaussian CIFAR-10-shaped data for cost measurements (accuracy meaningless)
 
 REQUIRED = ("method", "dataset", "ipc", "iterations", "sec_per_iter_median", "sec_per_iter_p90", "flops_per_iter",
             "peak_mem_bytes", "peak_mem_kind", "accuracy_mean", "accuracy_std", "random_baseline_mean")
 CSV_FIELDS = (*REQUIRED, "total_seconds", "flops_per_sec", "saved_for_backward_bytes", "peak_rss_delta_bytes",
-              "cuda_max_allocated_bytes", "random_baseline_std", "mi_lower_bound_mean", "expert_seconds",
+              "cuda_max_allocated_bytes", "random_baseline_std", "mi_estimate_mean", "expert_seconds",
               "eval_seconds", "device", "preset")
-
-
-def cache_root() -> Path:
-    """Where expert trajectories are cached: $MIM4DD_CACHE/experts or ~/.cache/mim4dd_fast/experts."""
-    base = os.environ.get("MIM4DD_CACHE")
-    return Path(base) / "experts" if base else Path.home() / ".cache" / "mim4dd_fast" / "experts"
 
 
 def build_parser() -> Parser:
@@ -60,7 +54,9 @@ def build_parser() -> Parser:
     # For tests and quick looks; not part of the documented interface.
     p.add_argument("--eval-epochs", type=int, default=None, help=argparse_hidden())
     p.add_argument("--cache-dir", default=None, help=argparse_hidden())
-    p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", help=argparse_hidden())
+    p.add_argument("--set", action="append", default=[], metavar="[METHOD:]TABLE.KEY=VALUE",
+                   help="any setting, as `mim4dd-fast distill --set` (mim.tau=0.2, method.lr_img=100); a METHOD: "
+                        "prefix limits it to that method")
     return p
 
 
@@ -92,113 +88,43 @@ def parse_args(argv: list[str] | None):
     return args
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def overrides(items: list[str], method: str, methods: list[str] | None = None) -> dict[str, Any]:
-    """``--set method_config.syn_steps=30 --set mim.impl='"reference"'`` as a settings layer for ``method``;
-    a ``METHOD:`` prefix (``--set dm:method_config.batch_real=64``) limits an item to that method. When the
-    prefix is itself one of ``methods`` it matches that name exactly, so aliases can run side by side with
-    different settings (``--methods mim4dd,mtt+mim --set mtt+mim:mim.impl='"reference"'``)."""
-    from mim4dd_fast.errors import ConfigError
-    from mim4dd_fast.methods.registry import canonical_name
-
-    layer: dict[str, Any] = {}
-    for item in items:
-        scope, colon, rest = item.partition(":")
-        if colon and "=" not in scope:
-            exact = methods is not None and scope in methods
-            if (exact and scope != method) or (not exact and canonical_name(scope) != canonical_name(method)):
-                continue
-            item = rest
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects TABLE.KEY=VALUE or KEY=VALUE, got {item!r}.")
-        table, dot, k = key.strip().rpartition(".")
-        if dot:
-            layer.setdefault(table, {})[k] = _parse_value(value)
-        else:
-            layer[k] = _parse_value(value)
-    return layer
-
-
-def preset_for(method: str, args) -> tuple[str | None, dict[str, Any]]:
-    """The preset layer for ``method``: --preset, else the dataset/IPC default (none if no presets)."""
-    try:
-        from mim4dd_fast import presets
-    except ImportError:
-        return None, {}
-    name = args.preset
-    if name is None:
-        finder = getattr(presets, "default_preset", None)
-        name = finder(method, args.dataset or "digits", args.ipc or 1) if finder else None
-    if not name:
-        return None, {}
-    layer = dict(presets.load_preset(name))
-    from mim4dd_fast.methods.registry import canonical_name
-
-    wanted = canonical_name(method).split("+")[0]
-    # the preset's base method: its "method" key, else its name's prefix ("mtt-digits-ipc1")
-    given = canonical_name(layer["method"]).split("+")[0] if "method" in layer else name.split("-")[0]
-    if given != wanted:
-        layer.pop("method_config", None)  # another base method's settings do not apply
-    if not canonical_name(method).endswith("+mim"):
-        layer.pop("mim", None)
-    layer.pop("method", None)
-    return name, layer
-
-
 def resolve_settings(method: str, args):
-    from mim4dd_fast.settings import build_settings, merge_layers
+    """(preset name, Settings) for ``method``: preset < flags < --set items (scoped ones for this method)."""
+    from mim4dd_fast.errors import ConfigError
+    from mim4dd_fast.settings import parse_overrides
+    from mim4dd_fast.settings import resolve_settings as resolve
 
-    preset_name, preset = preset_for(method, args)
     flags: dict[str, Any] = {"method": method, "seed": args.seed, "device": args.device}
-    for key in ("dataset", "data_dir", "ipc"):  # given flags override the preset; the rest come from it
+    for key in ("dataset", "data_dir", "ipc", "iterations", "evals"):  # given flags override the preset
         if getattr(args, key) is not None:
             flags[key] = getattr(args, key)
-    if args.iterations is not None:
-        flags["iterations"] = args.iterations
-    if args.evals is not None:
-        flags["evals"] = args.evals
     if args.eval_epochs is not None:
         flags["eval"] = {"epochs": args.eval_epochs}
-    extra = overrides(args.set, method, [m.strip() for m in args.methods.split(",") if m.strip()])
-    if not method.lower().replace(" ", "").endswith(("+mim", "mim4dd")):
-        extra.pop("mim", None)
-    settings = build_settings(merge_layers(preset, flags, extra))
+    extra = parse_overrides(args.set, method, args.method_list)
+    name, settings = resolve(flags, extra, preset=args.preset)
     if settings.run.iterations < 3:
-        from mim4dd_fast.errors import ConfigError
-
         raise ConfigError(f"iterations must be at least 3 for a benchmark, got {settings.run.iterations}.")
-    return preset_name, settings
+    return name, settings
 
 
 # -- one method -------------------------------------------------------------------------------------
 
 
-def _experts(settings, dataset, device: str, root: Path, progress):
-    from mim4dd_fast.config import from_mapping
-    from mim4dd_fast.experts import ensure_experts
-    from mim4dd_fast.methods.registry import config_class
+def _experts(settings, dataset, device: str, args, progress):
+    """The method's expert trajectories: random ones on random data (costs do not depend on their values),
+    else the library's resolver over the shared cache (``--cache-dir`` for tests)."""
+    from mim4dd_fast.runner import default_experts_cache, resolve_experts
 
-    cfg = from_mapping(config_class("mtt"), settings.method)
-    if dataset.name == RANDOM:  # costs do not depend on the trajectories' values
-        return random_experts(dataset, cfg, num=settings.run.num_experts, seed=settings.run.seed)
-    epochs = settings.run.expert_epochs or (cfg.max_start_epoch + cfg.expert_epochs)
-    task = progress.add_task(f"experts ({settings.run.num_experts} x {epochs} epochs)",
-                             total=settings.run.num_experts * epochs)
+    if dataset.name == RANDOM:
+        plan = settings.choice.spec.expert_plan(settings.method_config, dataset)
+        return random_experts(dataset, plan, num=settings.run.num_experts, seed=settings.run.seed)
+    task = progress.add_task(f"experts ({settings.run.num_experts})", total=None)
 
     def report(k: int, done: int, total: int) -> None:
-        progress.update(task, completed=k * total + done)
+        progress.update(task, total=settings.run.num_experts * total, completed=k * total + done)
 
-    experts = ensure_experts(dataset, root, num_experts=settings.run.num_experts, epochs=epochs,
-                             seed=settings.run.seed, model_kwargs=cfg.model_kwargs(dataset), device=device,
-                             progress=report)
-    progress.update(task, completed=settings.run.num_experts * epochs, visible=False)
+    experts = resolve_experts(settings, dataset, args.cache_dir or default_experts_cache(), device, report)
+    progress.update(task, visible=False)
     return experts
 
 
@@ -212,22 +138,19 @@ def run_method(name: str, preset: str | None, settings, dataset, device: str, ar
     import torch
 
     from mim4dd_fast import profiling
-    from mim4dd_fast.config import from_mapping
-    from mim4dd_fast.evaluate import EvalConfig, evaluate_synthetic, random_baseline
-    from mim4dd_fast.methods.registry import build_method, canonical_name
+    from mim4dd_fast.evaluation import evaluate_synthetic, random_baseline
+    from mim4dd_fast.runner import build_run
 
     run = settings.run
-    canon = canonical_name(name)
+    spec = settings.choice.spec
     t_exp = time.perf_counter()
     experts = None
-    if canon.startswith("mtt"):
-        experts = _experts(settings, dataset, device, Path(args.cache_dir) if args.cache_dir else cache_root(),
-                           progress)
+    if spec.needs_experts:
+        experts = _experts(settings, dataset, device, args, progress)
     expert_seconds = time.perf_counter() - t_exp
 
     torch.manual_seed(run.seed)
-    method = build_method(canon, dataset, run.ipc, config=settings.method, mim=settings.mim or None,
-                          experts=experts, device=device, seed=run.seed, init=run.init)
+    method = build_run(settings, dataset=dataset, device=device, experts=experts).method
     task = progress.add_task(f"distill {name}", total=run.iterations)
     t0 = time.perf_counter()
     logs, flops = profiling.measure_flops(method.step)  # iteration 1: FLOPs (and warm-up)
@@ -243,12 +166,11 @@ def run_method(name: str, preset: str | None, settings, dataset, device: str, ar
     progress.update(task, visible=False)
     stats = profiling.summarize_times(times)
 
-    ecfg = from_mapping(EvalConfig, {**settings.eval, "n_nets": run.evals})
+    ecfg = dataclasses.replace(settings.eval, n_nets=run.evals)
     etask = progress.add_task(f"evaluate {name}", total=ecfg.n_nets)
     t_eval = time.perf_counter()
     x, y = method.synthetic_set()
-    lr = method.learned_lr() if hasattr(method, "learned_lr") else None
-    acc = evaluate_synthetic(x, y, dataset, ecfg, seed=run.seed, device=device, lr=lr,
+    acc = evaluate_synthetic(x, y, dataset, ecfg, seed=run.seed, device=device, lr=method.learned_lr(),
                              progress=lambda i, a: progress.advance(etask))
     eval_seconds = time.perf_counter() - t_eval
     progress.update(etask, visible=False)
@@ -266,11 +188,11 @@ def run_method(name: str, preset: str | None, settings, dataset, device: str, ar
         traces = [str(p) for p in profiling.trace(Path(args.profile) / _label(name), method.step, steps=2,
                                                   warmup=1, name=_label(name), device=device)]
 
-    mi = {k.split("/", 1)[1]: float(v) for k, v in logs.items() if k.startswith("mi_lb/")}
+    mi = {k.split("/", 1)[1]: float(v) for k, v in logs.items() if k.startswith("mi_est/")}
     median = stats["median"]
     return {
         "method": name,
-        "canonical_method": canon,
+        "canonical_method": settings.choice.name,
         "dataset": run.dataset,
         "ipc": run.ipc,
         "iterations": run.iterations,
@@ -293,8 +215,8 @@ def run_method(name: str, preset: str | None, settings, dataset, device: str, ar
         "random_baseline_mean": base["mean"],
         "random_baseline_std": base["std"],
         "random_baseline_accuracies": base["accuracies"],
-        "mi_lower_bound": mi or None,
-        "mi_lower_bound_mean": (sum(mi.values()) / len(mi)) if mi else None,
+        "mi_estimate": mi or None,
+        "mi_estimate_mean": (sum(mi.values()) / len(mi)) if mi else None,
         "final_loss": float(logs.get("loss", math.nan)),
         "expert_seconds": expert_seconds if experts is not None else None,
         "eval_seconds": eval_seconds,
@@ -325,13 +247,13 @@ def render(results: list[dict], console) -> None:
                         f"(ratios: time / FLOPs / memory vs {first['method']})")
     cols = ["method", "iters", "s/it median", "s/it p90", "distill s", "FLOP/it", "FLOP/s",
             "saved for bwd MiB" if cpu else "CUDA max alloc MiB", "peak RSS rise MiB", "accuracy %",
-            "random real %", "MI lower bound (nats)", f"vs {first['method']}"]
+            "random real %", "MI estimate (nats)", f"vs {first['method']}"]
     for c in cols:
-        table.add_column(c, justify="left" if c in ("method", "MI lower bound (nats)") else "right")
+        table.add_column(c, justify="left" if c in ("method", "MI estimate (nats)") else "right")
     for r in results:
         mi = "-"
-        if r["mi_lower_bound"]:
-            mi = " ".join(f"{k}:{v:.3f}" for k, v in r["mi_lower_bound"].items())
+        if r["mi_estimate"]:
+            mi = " ".join(f"{k}:{v:.3f}" for k, v in r["mi_estimate"].items())
         table.add_row(
             r["method"], str(r["iterations"]), f"{r['sec_per_iter_median']:.3f}", f"{r['sec_per_iter_p90']:.3f}",
             f"{r['total_seconds']:.1f}", si(r["flops_per_iter"]), si(r["flops_per_sec"]), mib(r["peak_mem_bytes"]),
@@ -362,54 +284,48 @@ def write_csv(path: str, results: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mim4dd_fast.errors import run_command
+
+    return run_command(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from mim4dd_fast import __version__, profiling
+    from mim4dd_fast.runner import load_run_dataset, resolve_device
+
     console = Console(width=None if sys.stdout.isatty() else 200)
     err = Console(stderr=True)
-    from mim4dd_fast.errors import UserError
-
-    try:
-        args = parse_args(argv)
-        from mim4dd_fast import __version__, profiling
-        from mim4dd_fast.runner import load_run_dataset, resolve_device
-
-        device = resolve_device(args.device)
-        plans = [(m, *resolve_settings(m, args)) for m in args.method_list]
-        env = {"mim4dd_fast": __version__, **profiling.environment(device)}
-        budgets = {name: s.run.iterations for name, _, s in plans}
-        if len(set(budgets.values())) > 1:
-            console.print(f"note: the methods run different budgets {budgets} (their presets); "
-                          "give --iterations to compare at the same budget.")
-        first = plans[0][2].run
-        console.print(f"[bold]compare[/bold] {', '.join(args.method_list)} on {first.dataset}, IPC {first.ipc}; "
-                      f"torch {env['torch']}, {env['device_name']}, {env['threads']} threads")
-        datasets: dict = {}
-        baselines: dict = {}
-        results = []
-        t_all = time.perf_counter()
-        columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn()]
-        with Progress(*columns, console=err, transient=True) as progress:
-            for name, preset, settings in plans:
-                run = settings.run
-                dkey = (run.dataset, run.data_dir, run.image_size, run.zca, run.seed)
-                if dkey not in datasets:
-                    datasets[dkey] = (random_dataset(RANDOM, seed=run.seed) if run.dataset == RANDOM
-                                      else load_run_dataset(run))
-                dataset = datasets[dkey]
-                dataset.class_index.check_ipc(run.ipc)
-                results.append(run_method(name, preset, settings, dataset, device, args, progress, baselines))
-        env["wall_seconds"] = time.perf_counter() - t_all
-    except ArgError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        err.print("interrupted.")
-        return 130
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    plans = [(m, *resolve_settings(m, args)) for m in args.method_list]
+    env = {"mim4dd_fast": __version__, **profiling.environment(device)}
+    budgets = {name: s.run.iterations for name, _, s in plans}
+    if len(set(budgets.values())) > 1:
+        console.print(f"note: the methods run different budgets {budgets} (their presets); "
+                      "give --iterations to compare at the same budget.")
+    first = plans[0][2].run
+    console.print(f"[bold]compare[/bold] {', '.join(args.method_list)} on {first.dataset}, IPC {first.ipc}; "
+                  f"torch {env['torch']}, {env['device_name']}, {env['threads']} threads")
+    datasets: dict = {}
+    baselines: dict = {}
+    results = []
+    t_all = time.perf_counter()
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True) as progress:
+        for name, preset, settings in plans:
+            run = settings.run
+            dkey = (run.dataset, run.data_dir, run.image_size, run.zca, run.seed)
+            if dkey not in datasets:
+                datasets[dkey] = (random_dataset(RANDOM, seed=run.seed) if run.dataset == RANDOM
+                                  else load_run_dataset(run))
+            dataset = datasets[dkey]
+            dataset.class_index.check_ipc(run.ipc)
+            results.append(run_method(name, preset, settings, dataset, device, args, progress, baselines))
+    env["wall_seconds"] = time.perf_counter() - t_all
     render(results, console)
     console.print(f"total wall-clock {env['wall_seconds']:.1f} s (experts, distillation, evaluation)")
     if args.json:

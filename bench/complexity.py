@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ArgError, Parser, random_dataset, random_experts  # noqa: E402
+from _common import Parser, random_dataset, random_experts  # noqa: E402
 
 # Units of work per image, as (layer 0, each deeper conv, classifier): how many forward-sized
 # convolutions / matmuls each pass runs. Derived from which gradients each pass needs, and checked
@@ -211,44 +211,59 @@ def mim_saved_floats(s: CostSetting) -> int:
     return total
 
 
+def _mtt_cost(s: CostSetting) -> tuple[float, float]:
+    p, sizes = num_params(s), step_sizes(s)
+    if s.unroll == "full":
+        flops = sum(b * units(s, UNITS["mtt_full_first" if i == 0 else "mtt_full"]) for i, b in enumerate(sizes))
+        saved = sum(sizes) * (activation_floats(s, "step") + dsa_floats(s)) + (2 * s.syn_steps + 1) * p
+    else:
+        flops = sum(b * units(s, UNITS["mtt_ckpt"]) for b in sizes)
+        saved = max(sizes) * (activation_floats(s, "step") + dsa_floats(s)) + p
+    if s.mim:
+        flops += mim_flops(s)
+        saved = max(saved, mim_saved_floats(s))
+    return flops, saved
+
+
+def _dc_cost(s: CostSetting) -> tuple[float, float]:
+    p, n, k = num_params(s), s.n_syn, s.classes
+    real = s.batch_real * units(s, UNITS["train"])
+    syn = s.ipc * units(s, UNITS["double"])
+    flops = s.outer_loop * k * (real + syn)
+    flops += (s.outer_loop - 1) * s.inner_loop * n * units(s, UNITS["train"])
+    # one class at a time: the real pass (graph freed by autograd.grad), then the synthetic
+    # create_graph pass; the inner training (only between outer rounds) on a batch of N
+    phases = [s.batch_real * activation_floats(s, "train"),
+              s.ipc * (activation_floats(s, "step") + dsa_floats(s)) + p]
+    if s.outer_loop > 1 and s.inner_loop > 0:
+        phases.append(min(s.batch_train, n) * activation_floats(s, "train"))
+    saved = max(phases) + p
+    if s.mim:
+        flops += mim_flops(s)
+        saved = max(saved, mim_saved_floats(s))
+    return flops, saved
+
+
+def _dm_cost(s: CostSetting) -> tuple[float, float]:
+    """Real embeddings under no_grad, synthetic forward + backward into the images."""
+    fc = convnet_forward_flops(s, embed_only=True)
+    flops = s.classes * s.batch_real * fc + s.n_syn * units(s, UNITS["to_input"])
+    saved = s.n_syn * (activation_floats(s, "frozen") + dsa_floats(s)) + num_params(s)
+    if s.mim:  # the method's graph is freed by its backward before the term runs
+        flops += mim_flops(s)
+        saved = max(saved, mim_saved_floats(s))
+    return flops, saved
+
+
+# The analytical model of each base method (this file models the three methods the library ships).
+COST_MODELS = {"mtt": _mtt_cost, "dc": _dc_cost, "dm": _dm_cost}
+
+
 def cost_model(s: CostSetting) -> dict[str, float]:
     """FLOPs per iteration and peak bytes held for backward, for ``s.method`` at setting ``s``."""
     if s.method not in METHODS:
         raise ValueError(f"unknown method {s.method!r}")
-    p, n, k = num_params(s), s.n_syn, s.classes
-    if s.base == "mtt":
-        sizes = step_sizes(s)
-        if s.unroll == "full":
-            flops = sum(b * units(s, UNITS["mtt_full_first" if i == 0 else "mtt_full"]) for i, b in enumerate(sizes))
-            saved = sum(sizes) * (activation_floats(s, "step") + dsa_floats(s)) + (2 * s.syn_steps + 1) * p
-        else:
-            flops = sum(b * units(s, UNITS["mtt_ckpt"]) for b in sizes)
-            saved = max(sizes) * (activation_floats(s, "step") + dsa_floats(s)) + p
-        if s.mim:
-            flops += mim_flops(s)
-            saved = max(saved, mim_saved_floats(s))
-    elif s.base == "dc":
-        real = s.batch_real * units(s, UNITS["train"])
-        syn = s.ipc * units(s, UNITS["double"])
-        flops = s.outer_loop * k * (real + syn)
-        flops += (s.outer_loop - 1) * s.inner_loop * n * units(s, UNITS["train"])
-        # one class at a time: the real pass (graph freed by autograd.grad), then the synthetic
-        # create_graph pass; the inner training (only between outer rounds) on a batch of N
-        phases = [s.batch_real * activation_floats(s, "train"),
-                  s.ipc * (activation_floats(s, "step") + dsa_floats(s)) + p]
-        if s.outer_loop > 1 and s.inner_loop > 0:
-            phases.append(min(s.batch_train, n) * activation_floats(s, "train"))
-        saved = max(phases) + p
-        if s.mim:
-            flops += mim_flops(s)
-            saved = max(saved, mim_saved_floats(s))
-    else:  # dm: real embeddings under no_grad, synthetic forward + backward into the images
-        fc = convnet_forward_flops(s, embed_only=True)
-        flops = k * s.batch_real * fc + n * units(s, UNITS["to_input"])
-        saved = n * (activation_floats(s, "frozen") + dsa_floats(s)) + p
-        if s.mim:  # both graphs are alive until the one backward
-            flops += mim_flops(s)
-            saved += mim_saved_floats(s)
+    flops, saved = COST_MODELS[s.base](s)
     return {"flops": float(flops), "saved_bytes": float(4 * saved)}
 
 
@@ -290,18 +305,21 @@ def _method_config(s: CostSetting) -> tuple[dict, dict | None]:
 def measure(s: CostSetting, seed: int = 0) -> dict[str, float]:
     """One iteration of the real method at setting ``s`` on random data: FlopCounterMode FLOPs, then
     (next iteration) peak bytes held for backward."""
-    from mim4dd_fast.config import from_mapping
-    from mim4dd_fast.methods.registry import build_method, config_class
     from mim4dd_fast.profiling import SavedTensorBytes, measure_flops
+    from mim4dd_fast.runner import build_run
+    from mim4dd_fast.settings import build_settings
 
     per_class = max(s.batch_real, s.n_real, s.ipc) + 1
     data = random_dataset(n_per_class=per_class, channels=s.channels, size=s.image_size, classes=s.classes,
                           seed=seed)
     cfg, mim = _method_config(s)
+    settings = build_settings({"method": s.method, "ipc": s.ipc, "seed": seed, "device": "cpu",
+                               "method_config": cfg, **({"mim": mim} if mim else {})})
     experts = None
-    if s.base == "mtt":
-        experts = random_experts(data, from_mapping(config_class("mtt"), cfg), seed=seed)
-    method = build_method(s.method, data, s.ipc, config=cfg, mim=mim, experts=experts, seed=seed)
+    plan = settings.choice.spec.expert_plan
+    if plan is not None:
+        experts = random_experts(data, plan(settings.method_config, data), seed=seed)
+    method = build_run(settings, dataset=data, experts=experts).method
     _, flops = measure_flops(method.step)
     with SavedTensorBytes() as saved:
         method.step()
@@ -310,6 +328,12 @@ def measure(s: CostSetting, seed: int = 0) -> dict[str, float]:
 
 def rel_err(model: float, measured: float) -> float:
     return (model - measured) / measured if measured else math.inf
+
+
+# Per base method, the settings its cost grows with (beyond IPC).
+EXTRA_POINTS = {"mtt": [{"ipc": 2, "syn_steps": 8, "unroll": "full"}, {"ipc": 4, "batch_syn": 10}],
+                "dc": [{"ipc": 2, "outer_loop": 2, "inner_loop": 2}, {"ipc": 1, "batch_real": 32}],
+                "dm": [{"ipc": 1, "batch_real": 32}]}
 
 
 def default_grid(quick: bool) -> list[CostSetting]:
@@ -321,13 +345,8 @@ def default_grid(quick: bool) -> list[CostSetting]:
     for m in METHODS:
         for ipc in (1, 3):
             grid.append(dataclasses.replace(base, method=m, ipc=ipc))
-        if m.startswith("mtt"):
-            grid.append(dataclasses.replace(base, method=m, ipc=2, syn_steps=8, unroll="full"))
-            grid.append(dataclasses.replace(base, method=m, ipc=4, batch_syn=10))
-        if m.startswith("dc"):
-            grid.append(dataclasses.replace(base, method=m, ipc=2, outer_loop=2, inner_loop=2))
-        if m.startswith("dm") or m.startswith("dc"):
-            grid.append(dataclasses.replace(base, method=m, ipc=1, batch_real=32))
+        for extra in EXTRA_POINTS[dataclasses.replace(base, method=m).base]:
+            grid.append(dataclasses.replace(base, method=m, **extra))
         if m.endswith("+mim"):
             grid.append(dataclasses.replace(base, method=m, ipc=2, tapped=(0,), head_width=16))
     return grid
@@ -404,6 +423,12 @@ def plots(out: Path, at: CostSetting) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mim4dd_fast.errors import run_command
+
+    return run_command(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     from rich.console import Console
     from rich.table import Table
 
@@ -413,11 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench/complexity", help="directory for the PNG plots")
     parser.add_argument("--no-measure", action="store_true", help="only the model and the plots")
     parser.add_argument("--json", default=None, help="write model vs measured per grid point here")
-    try:
-        args = parser.parse_args(argv)
-    except ArgError as exc:
-        console.print(f"error: {exc}")
-        return 2
+    args = parser.parse_args(argv)
     import torch
 
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     # addopts cleared: pytest-benchmark's --benchmark-disable may not be installed here
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" --rootdir "$ROOT" \
         -c "$ROOT/pyproject.toml" "$ROOT/tests/test_contrastive_triton.py" "$ROOT/tests/test_feature_reduce.py" \
-        "$ROOT/tests/test_augment.py" "$ROOT/tests/test_evaluate.py" -k "cuda or gpu or triton or large" 2>&1 | tee "$OUT/tests.txt"
+        "$ROOT/tests/test_augment.py" "$ROOT/tests/test_evaluation.py" -k "cuda or gpu or triton or large" 2>&1 | tee "$OUT/tests.txt"
     status=${PIPESTATUS[0]}
 else
     # no pytest: the same large-size comparisons as tests/test_contrastive_triton.py, inline

@@ -86,14 +86,16 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        for flag in ("experts", "epochs", "width", "nproc", "repeats"):
-            if getattr(args, flag) < 1:
-                raise ArgError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
-    except ArgError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from mim4dd_fast.errors import run_command
+
+    return run_command(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    for flag in ("experts", "epochs", "width", "nproc", "repeats"):
+        if getattr(args, flag) < 1:
+            raise ArgError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
     import torch
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="scaling-"))

@@ -83,13 +83,15 @@ def _run(cmd: list[str], threads: int | None, out: Path) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        if min(args.ipc, args.iterations - 2, args.nproc) < 1:
-            raise ArgError("--ipc and --nproc must be at least 1 and --iterations at least 3.")
-    except ArgError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from mim4dd_fast.errors import run_command
+
+    return run_command(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if min(args.ipc, args.iterations - 2, args.nproc) < 1:
+        raise ArgError("--ipc and --nproc must be at least 1 and --iterations at least 3.")
     import torch
 
     from mim4dd_fast.io import load_tensors

@@ -1,7 +1,7 @@
 """Checkpointed vs full MTT unroll: seconds per iteration, bytes saved for backward, peak RSS rise.
 
 CIFAR-10-shaped random data by default (3x32x32, 10 classes, ConvNet-3 width 128, IPC 10, all
-synthetic images in every student step, DSA on), as the MTT rows of /work/shared/ANCHORS.md.
+synthetic images in every student step, DSA on): the setting of the MTT rows in bench/baselines.py.
 Each (mode, syn_steps) setting runs in a fresh subprocess so its peak RSS is its own.
 
 Measured per setting (one warm-up iteration, then the median of ``--repeats``):
@@ -27,40 +27,8 @@ import statistics
 import subprocess
 import sys
 import time
-import weakref
 
 import torch
-
-
-class SavedBytes:
-    """Live bytes of distinct storages saved for backward, and their peak."""
-
-    def __init__(self) -> None:
-        self.refs: dict[int, list[int]] = {}  # storage data_ptr -> [tensors alive, nbytes]
-        self.live = 0
-        self.peak = 0
-
-    def _release(self, key: int) -> None:
-        entry = self.refs[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.live -= entry[1]
-            del self.refs[key]
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key in self.refs:
-            self.refs[key][0] += 1
-        else:
-            self.refs[key] = [1, storage.nbytes()]
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-        weakref.finalize(t, self._release, key)
-        return t
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -82,19 +50,18 @@ def worker(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(1)
     unroll = UNROLLS[args.mode]
     import mim4dd_fast.augment  # noqa: F401  (imported before the baseline, as in a real run)
-    from mim4dd_fast.profiling import PeakRSS
+    from mim4dd_fast.profiling import PeakRSS, SavedTensorBytes
 
     def one(count_saved: bool) -> tuple[float, int]:
         batches = [(torch.randperm(n, generator=gen), int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
                    for _ in range(args.syn_steps)]
-        counter = SavedBytes()
         t0 = time.perf_counter()
         if count_saved:
-            with counter.hooks():
+            with SavedTensorBytes() as counter:
                 unroll(model, start, target, images, labels, syn_lr, batches)
-        else:
-            unroll(model, start, target, images, labels, syn_lr, batches)
-        return time.perf_counter() - t0, counter.peak
+            return time.perf_counter() - t0, counter.peak
+        unroll(model, start, target, images, labels, syn_lr, batches)
+        return time.perf_counter() - t0, 0
 
     _, saved_peak = one(count_saved=True)  # warm-up, and the saved-for-backward count
     # RSS and time without the counting hooks: the hooks' own bookkeeping would inflate RSS
@@ -118,7 +85,15 @@ def _mib(b: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from mim4dd_fast.errors import run_command
+
+    return run_command(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from mim4dd_fast.errors import OneSentenceParser
+
+    p = OneSentenceParser(description=__doc__.split("\n")[0])
     p.add_argument("--syn-steps", type=int, nargs="+", default=[10, 20, 40, 80])
     p.add_argument("--modes", nargs="+", default=["checkpointed", "full"], choices=["checkpointed", "full"])
     p.add_argument("--ipc", type=int, default=10)

@@ -38,67 +38,63 @@ DEFAULT_SWEEP = {
 }
 
 
-def _number(param: str, text: str, kind=float, positive: bool = False, non_negative: bool = False):
+def _number(param: str, text: str, kind=float):
+    """The grid text as a number (ranges are checked by the settings classes, once)."""
     try:
-        value = kind(text)
+        return kind(text)
     except (TypeError, ValueError):
-        raise ConfigError(f"Grid value {text!r} for {param!r} is not a valid {kind.__name__}.") from None
-    if kind is float and not math.isfinite(value):
-        raise ConfigError(f"Grid value {text!r} for {param!r} must be finite.")
-    if positive and value <= 0:
-        raise ConfigError(f"Grid value {text!r} for {param!r} must be positive.")
-    if non_negative and value < 0:
-        raise ConfigError(f"Grid value {text!r} for {param!r} must not be negative.")
-    return value
+        raise ConfigError(f"Grid value {_short(text)!r} for {param!r} is not a valid {kind.__name__}.") from None
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# grid name -> (table, key, number type) for the parameters that are one number
+_SCALARS = {"tau": ("mim", "tau", float), "lambda": ("mim", "lam", float), "noise_ratio": ("mim", "noise_ratio", float),
+            "n_real": ("mim", "n_real", int), "head_width": ("mim", "head_width", int),
+            "lr_img": ("method_config", "lr_img", float), "syn_steps": ("method_config", "syn_steps", int)}
 
 
 def setting_for(param: str, text: str) -> dict[str, dict[str, Any]]:
-    """Translate one grid value into settings overrides: {"mim": {...}, "method_config": {...}}."""
+    """Translate one grid value into a settings layer ({"mim": {...}} or {"method_config": {...}}).
+
+    Only the grid's short syntax is parsed here (``geometric:0.5``, ``mlp:64``, ``nce:4``, ``1/2/3``,
+    ``blocks.0+blocks.1``); whether a value is allowed is decided by the settings classes themselves.
+    """
     text = str(text).strip()
-    if param == "tau":
-        return {"mim": {"tau": _number(param, text, positive=True)}}
-    if param == "lambda":
-        return {"mim": {"lam": _number(param, text, non_negative=True)}}
-    if param == "noise_ratio":
-        return {"mim": {"noise_ratio": _number(param, text, positive=True)}}
-    if param == "n_real":
-        return {"mim": {"n_real": _number(param, text, int, positive=True)}}
-    if param == "head_width":
-        return {"mim": {"head_width": _number(param, text, int, positive=True)}}
-    if param == "lr_img":
-        return {"method_config": {"lr_img": _number(param, text, positive=True)}}
-    if param == "syn_steps":
-        return {"method_config": {"syn_steps": _number(param, text, int, positive=True)}}
+    if param in _SCALARS:
+        table, key, kind = _SCALARS[param]
+        return {table: {key: _number(param, text, kind)}}
     if param == "beta":
-        if text == "uniform":
-            return {"mim": {"beta": "uniform"}}
         if text.startswith("geometric"):
             _, _, value = text.partition(":")
-            return {"mim": {"beta": "geometric", "beta_value": _number(param, value or "0.5", positive=True)}}
+            return {"mim": {"beta": "geometric", "beta_value": _number(param, value or "0.5")}}
         if "/" in text:
-            return {"mim": {"beta_list": [_number(param, v, positive=True) for v in text.split("/")]}}
-        raise ConfigError(f"Grid value {text!r} for 'beta' must be uniform, geometric:VALUE or a list like 1/2/3.")
+            return {"mim": {"beta_list": [_number(param, v) for v in text.split("/")]}}
+        return {"mim": {"beta": text}}
     if param == "head":
         name, _, width = text.partition(":")
-        if name not in ("identity", "linear", "mlp"):
-            raise ConfigError(f"Grid value {text!r} for 'head' must be identity, linear or mlp (optionally :WIDTH).")
-        out: dict[str, Any] = {"head": name}
-        if width:
-            out["head_width"] = _number(param, width, int, positive=True)
-        return {"mim": out}
+        return {"mim": {"head": name, **({"head_width": _number(param, width, int)} if width else {})}}
     if param == "critic":
         name, _, ratio = text.partition(":")
-        if name not in ("infonce", "nce"):
-            raise ConfigError(f"Grid value {text!r} for 'critic' must be infonce or nce (optionally nce:RATIO).")
-        out = {"critic": name}
-        if ratio:
-            out["noise_ratio"] = _number(param, ratio, positive=True)
-        return {"mim": out}
+        return {"mim": {"critic": name, **({"noise_ratio": _number(param, ratio)} if ratio else {})}}
     if param == "layers":
-        if text == "all":
-            return {"mim": {"layers": None}}
-        return {"mim": {"layers": [t for t in text.split("+") if t]}}
-    raise ConfigError(f"Unknown grid parameter {param!r}; choose from {', '.join(PARAMETERS)}.")
+        return {"mim": {"layers": None if text == "all" else [t for t in text.split("+") if t]}}
+    raise ConfigError(f"Unknown grid parameter {_short(param)!r}; choose from {', '.join(PARAMETERS)}.")
+
+
+def check_setting(param: str, text: str) -> None:
+    """ConfigError (one sentence, naming the grid value) when a value's MIM settings are invalid."""
+    from .config import from_mapping
+    from .methods.mim import MIMConfig
+
+    layer = setting_for(param, text)
+    if "mim" in layer:
+        try:
+            from_mapping(MIMConfig, layer["mim"], what="mim setting")
+        except ConfigError as exc:
+            raise ConfigError(f"Grid value {_short(str(text))!r} for {param!r}: {exc}") from None
 
 
 def parse_grid_args(items: list[str]) -> dict[str, list[str]]:
@@ -117,7 +113,7 @@ def parse_grid_args(items: list[str]) -> dict[str, list[str]]:
         if not vals:
             raise ConfigError(f"Grid parameter {param!r} has an empty list of values.")
         for v in vals:
-            setting_for(param, v)  # validate now, before any work
+            check_setting(param, v)  # validate now, before any work
         grid[param] = vals
     return grid
 
@@ -177,31 +173,33 @@ def cell_key(cell: Cell, base: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_cell(cell: Cell, base: dict[str, Any], experts_dir: str | None, threads: int = 1) -> dict[str, Any]:
+def cell_settings(cell: Cell, base: dict[str, Any]):
+    """The typed settings of one cell: the sweep's base layer, the cell's values and its seed."""
+    from .settings import build_settings, merge_layers
+
+    return build_settings(merge_layers(base, {**cell.overrides(), "seed": cell.seed}))
+
+
+def run_cell(cell: Cell, base: dict[str, Any], experts_dir: str, threads: int = 1) -> dict[str, Any]:
     """Distil and evaluate one cell (runs in a worker process when --workers > 1)."""
     import torch
 
-    from .runner import build_run_method, evaluate_method, load_run_dataset
-    from .settings import build_settings, merge_layers
+    from .runner import build_run
 
     torch.set_num_threads(threads)
-    layer = {**cell.overrides(), "seed": cell.seed}
-    settings = build_settings(merge_layers(base, layer))
-    dataset = load_run_dataset(settings.run)
-    dataset.class_index.check_ipc(settings.run.ipc)
-    out = Path(experts_dir) if experts_dir else Path(".")
+    settings = cell_settings(cell, base)
     t0 = time.perf_counter()
-    method = build_run_method(settings, dataset, out, "cpu")
+    run = build_run(settings, device="cpu", experts_dir=experts_dir)
     history: list[dict[str, float]] = []
     for _ in range(settings.run.iterations):
-        logs = method.step()
+        logs = run.step()
         history.append({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
     distill_seconds = time.perf_counter() - t0
-    result = evaluate_method(method, dataset, settings, "cpu", n_nets=settings.run.evals)
+    result = run.evaluate()
     tail = history[-min(5, len(history)):]
-    mi = {k: sum(h[k] for h in tail) / len(tail) for k in tail[-1] if k.startswith("mi_lb/")}
+    mi = {k: sum(h[k] for h in tail) / len(tail) for k in tail[-1] if k.startswith("mi_est/")}
     return {"params": dict(cell.params), "seed": cell.seed, "accuracy_mean": result["mean"],
-            "accuracy_std": result["std"], "accuracies": result["accuracies"], "mi_lb": mi,
+            "accuracy_std": result["std"], "accuracies": result["accuracies"], "mi_est": mi,
             "final_loss": tail[-1].get("loss"), "mim_loss": tail[-1].get("mim_loss"),
             "distill_seconds": distill_seconds}
 
@@ -223,9 +221,9 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .io import atomic_write_json
-    from .runner import _experts_for, load_run_dataset
-    from .settings import build_settings, merge_layers
+    from .runner import load_run_dataset, resolve_experts
 
+    experts_dir = out / "experts"
     cache = out / "cells"
     cache.mkdir(parents=True, exist_ok=True)
     keys = [cell_key(c, base) for c in cells]
@@ -233,11 +231,11 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
     # has already written a cell by the time a slow one looks
     pending_idx = [i for i, k in enumerate(keys) if not (cache / f"{k}.json").exists()] if dist.is_main else None
     pending_idx = dist.broadcast_object(pending_idx, "agreeing on the pending sweep cells")
-    if pending_idx and str(base.get("method", "")).split("+")[0] in ("mtt", "mim4dd"):
+    if pending_idx and cell_settings(cells[0], base).choice.spec.needs_experts:
         for seed in sorted({cells[i].seed for i in pending_idx}):  # once, before cells race for them (collective)
-            settings = build_settings(merge_layers(base, {"seed": seed}))
-            _experts_for(settings, load_run_dataset(settings.run), out, "cpu", dist=dist)
-        dist.barrier("waiting for the MTT experts")
+            settings = cell_settings(Cell((), seed), base)
+            resolve_experts(settings, load_run_dataset(settings.run), experts_dir, "cpu", dist=dist)
+        dist.barrier("waiting for the experts")
     mine = dist.owned(pending_idx)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
@@ -261,13 +259,13 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
             if workers <= 1:
                 for i in mine:
                     current = i
-                    store(i, run_cell(cells[i], base, str(out)))
+                    store(i, run_cell(cells[i], base, str(experts_dir)))
             else:
                 from concurrent.futures import ProcessPoolExecutor, as_completed
                 from multiprocessing import get_context
 
                 with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                    futures = {pool.submit(run_cell, cells[i], base, str(out), 1): i for i in mine}
+                    futures = {pool.submit(run_cell, cells[i], base, str(experts_dir), 1): i for i in mine}
                     for future in as_completed(futures):
                         current = futures[future]
                         store(current, future.result())
@@ -308,11 +306,11 @@ def summarise(results: list[dict]) -> list[dict]:
         seed_means = [m["accuracy_mean"] for m in members]
         mean = sum(accs) / len(accs)
         std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))
-        layers = sorted({k for m in members for k in m["mi_lb"]})
-        mi = {k: sum(m["mi_lb"].get(k, 0.0) for m in members) / len(members) for k in layers}
+        layers = sorted({k for m in members for k in m["mi_est"]})
+        mi = {k: sum(m["mi_est"].get(k, 0.0) for m in members) / len(members) for k in layers}
         seed_std = math.sqrt(sum((s - sum(seed_means) / len(seed_means)) ** 2 for s in seed_means) / len(seed_means))
         rows.append({"params": dict(key), "accuracy_mean": mean, "accuracy_std": std, "seed_std": seed_std,
-                     "n": len(accs), "seeds": len(members), "mi_lb": mi})
+                     "n": len(accs), "seeds": len(members), "mi_est": mi})
     return rows
 
 
@@ -347,7 +345,7 @@ def write_report(results: list[dict], grid: dict[str, list[str]], out: Path, *, 
             sub = [{"params": {param: v}, "accuracy_mean": sum(m["accuracy_mean"] for m in ms) / len(ms),
                     "accuracy_std": sum(m["accuracy_std"] for m in ms) / len(ms),
                     "seed_std": sum(m["seed_std"] for m in ms) / len(ms),
-                    "mi_lb": {k: sum(m["mi_lb"].get(k, 0) for m in ms) / len(ms) for k in ms[0]["mi_lb"]}}
+                    "mi_est": {k: sum(m["mi_est"].get(k, 0) for m in ms) / len(ms) for k in ms[0]["mi_est"]}}
                    for v, ms in merged.items()]
         by_value = {r["params"][param]: r for r in sub}
         values = [v for v in _order(grid[param]) if v in by_value]
@@ -361,13 +359,13 @@ def write_report(results: list[dict], grid: dict[str, list[str]], out: Path, *, 
         ax1.set_xlabel(param)
         ax1.set_ylabel("test accuracy (%)")
         ax1.set_title(f"accuracy vs {param}")
-        layers = sorted({k for v in values for k in by_value[v]["mi_lb"]})
+        layers = sorted({k for v in values for k in by_value[v]["mi_est"]})
         for layer in layers:
-            ax2.plot(xs, [by_value[v]["mi_lb"].get(layer, math.nan) for v in values], marker="o",
-                     label=layer.removeprefix("mi_lb/"))
+            ax2.plot(xs, [by_value[v]["mi_est"].get(layer, math.nan) for v in values], marker="o",
+                     label=layer.removeprefix("mi_est/"))
         ax2.set_xticks(list(xs), values)
         ax2.set_xlabel(param)
-        ax2.set_ylabel("MI lower bound (nats)")
+        ax2.set_ylabel("MI estimate (nats)")
         ax2.set_title("InfoNCE bound per layer")
         if layers:
             ax2.legend(fontsize=7)
@@ -418,11 +416,11 @@ def write_report(results: list[dict], grid: dict[str, list[str]], out: Path, *, 
         figures.append("heatmap.png")
 
     lines = [f"# {title}", "", f"Produced by: `{command}`", "",
-             "| setting | accuracy (%) | std over nets x seeds | seed noise | n | MI lower bound per layer (nats) |",
+             "| setting | accuracy (%) | std over nets x seeds | seed noise | n | MI estimate per layer (nats) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         label = ", ".join(f"{k}={v}" for k, v in r["params"].items())
-        mi = ", ".join(f"{k.removeprefix('mi_lb/')}: {v:.3f}" for k, v in r["mi_lb"].items()) or "-"
+        mi = ", ".join(f"{k.removeprefix('mi_est/')}: {v:.3f}" for k, v in r["mi_est"].items()) or "-"
         lines.append(f"| {label} | {100 * r['accuracy_mean']:.2f} | {100 * r['accuracy_std']:.2f} | "
                      f"{100 * r['seed_std']:.2f} | {r['n']} | {mi} |")
     if sensitivity:

@@ -12,17 +12,9 @@ import sys
 
 from rich.console import Console
 
-from .errors import UserError
+from .errors import OneSentenceParser, UserError, run_command
 
 console = Console(stderr=True)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one sentence with exit code 2."""
-
-    def error(self, message: str) -> None:  # noqa: D401
-        console.print(f"error: {message}.")
-        raise SystemExit(2)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -63,7 +55,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from .data import load_dataset
-    from .evaluate import EvalConfig, random_baseline
+    from .evaluation import EvalConfig, random_baseline
 
     if args.run_dir is not None:
         return _cmd_evaluate_run(args)
@@ -95,27 +87,24 @@ _RUN_FLAGS = ("method", "dataset", "data_dir", "ipc", "iterations", "seed", "ima
 
 
 def _settings_from_args(args: argparse.Namespace):
-    """defaults < preset < --config file < explicit flags (only flags the user gave)."""
-    from .settings import build_settings, merge_layers, preset_layer, read_toml
+    """defaults < preset < --config file < explicit flags (only flags the user gave) < --set items."""
+    from .settings import parse_overrides, read_toml, resolve_settings
 
     flags = {k: getattr(args, k) for k in _RUN_FLAGS if getattr(args, k, None) is not None}
     if args.zca:
         flags["zca"] = True
     if "data_dir" in flags:
         flags["data_dir"] = str(flags["data_dir"])
+    mim = {k: getattr(args, k) for k in ("lam", "tau") if getattr(args, k) is not None}
+    if mim:
+        flags["mim"] = mim
     file_layer = read_toml(args.config) if args.config else {}
-    preset = args.preset
-    if preset is None:
-        from .presets import default_preset
-
-        probe = build_settings(merge_layers(file_layer, flags)).run  # validates types before the lookup
-        preset = default_preset(probe.method, probe.dataset, probe.ipc)
-    base = preset_layer(preset) if preset else {}
-    return build_settings(merge_layers(base, file_layer, flags))
+    _, settings = resolve_settings(file_layer, flags, parse_overrides(args.set), preset=args.preset)
+    return settings
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from .runner import Interrupted, distill, load_settings_from_run
+    from .production import Interrupted, distill, load_settings_from_run
 
     if args.resume:
         settings = load_settings_from_run(args.out)
@@ -166,7 +155,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
             last = lines[-1]
             table.add_row("iterations done", str(last.get("iteration")))
             for k, v in sorted(last.items()):
-                if k.startswith(("loss", "mim", "mi_lb", "syn_lr")):
+                if k.startswith(("loss", "mim", "mi_est", "syn_lr")):
                     table.add_row(f"last {k}", f"{v:.4g}")
     if (out / "eval.json").exists():
         ev = json.loads((out / "eval.json").read_text())
@@ -179,12 +168,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_run(args: argparse.Namespace) -> int:
+    import dataclasses
     from pathlib import Path
 
-    from .config import from_mapping
-    from .evaluate import EvalConfig, evaluate_synthetic
+    from .evaluation import evaluate_synthetic
     from .io import load_tensors, sha256_file
-    from .runner import load_run_dataset, load_settings_from_run, resolve_device
+    from .production import load_settings_from_run
+    from .runner import load_run_dataset, resolve_device
 
     out = Path(args.run_dir)
     settings = load_settings_from_run(out)
@@ -197,8 +187,7 @@ def _cmd_evaluate_run(args: argparse.Namespace) -> int:
             raise UserError(f"{path} is corrupted (its checksum does not match manifest.json).")
     tensors = load_tensors(path)
     dataset = load_run_dataset(settings.run)
-    cfg = from_mapping(EvalConfig, {**settings.eval, "n_nets": args.nets,
-                                    **({"epochs": args.epochs} if args.epochs else {})})
+    cfg = dataclasses.replace(settings.eval, n_nets=args.nets, **({"epochs": args.epochs} if args.epochs else {}))
     lr = float(tensors["syn_lr"][0]) if "syn_lr" in tensors else None
     device = resolve_device(args.device)
     result = evaluate_synthetic(tensors["images"], tensors["labels"], dataset, cfg, seed=args.seed, device=device,
@@ -247,8 +236,9 @@ def _cmd_experts(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mim4dd-fast", description="Fast, measured dataset distillation (MIM4DD, MTT, DC, DM).")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    parser = OneSentenceParser(prog="mim4dd-fast",
+                               description="Fast, measured dataset distillation (MIM4DD, MTT, DC, DM).")
+    sub = parser.add_subparsers(dest="command", parser_class=OneSentenceParser)
 
     ev = sub.add_parser("evaluate", help="evaluate the random-real baseline or a saved run")
     ev.add_argument("run_dir", nargs="?", default=None, help="a distillation run directory to evaluate")
@@ -278,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--zca", action="store_true")
     di.add_argument("--seed", type=int, default=None)
     di.add_argument("--device", default=None)
+    di.add_argument("--lam", type=float, default=None, help="weight lambda of the MIM term (a +mim method)")
+    di.add_argument("--tau", type=float, default=None, help="temperature tau of the MIM term (a +mim method)")
+    di.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                    help="any setting, e.g. --set mim.tau=0.2 --set method.lr_img=100 --set eval.epochs=300 "
+                         "(tables: run, method, mim, eval; values in JSON, bare words are strings)")
     di.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _add_dist_args(di)
     di.set_defaults(func=_cmd_distill)
@@ -304,28 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a bad flag (2, message already printed)
-        return int(exc.code or 0)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    from .distributed import DistributedError, rank_prefix, shutdown
 
-    try:
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        console.print(f"{rank_prefix()}error: {exc}", markup=False)
-        return 2
-    except DistributedError as exc:
-        console.print(f"{rank_prefix()}error: {exc}", markup=False)
-        return 1
-    except KeyboardInterrupt:
-        console.print(f"{rank_prefix()}interrupted.", markup=False)
-        return 130
-    finally:
-        shutdown()
+    def body() -> int:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return args.func(args)
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

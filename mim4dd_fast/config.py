@@ -60,11 +60,20 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def from_mapping(cls: type[T], mapping: dict[str, Any] | None, *, what: str = "settings") -> T:
-    """Build dataclass ``cls`` from ``mapping``; unknown keys and bad values raise ConfigError.
+class Validated:
+    """Base of every settings dataclass: ``validate()`` (ranges, choices) runs once, on construction,
+    so a settings object that exists is valid (``dataclasses.replace`` re-validates the new one)."""
 
-    After construction, the dataclass's own ``validate()`` (if any) checks ranges.
-    """
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError (one sentence) when a value is out of range; subclasses override."""
+
+
+def from_mapping(cls: type[T], mapping: dict[str, Any] | None, *, what: str = "settings") -> T:
+    """Build settings dataclass ``cls`` from ``mapping``; unknown keys and bad types or values raise
+    ConfigError (types are checked here, ranges by the class's own ``validate()`` on construction)."""
     mapping = dict(mapping or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -72,11 +81,7 @@ def from_mapping(cls: type[T], mapping: dict[str, Any] | None, *, what: str = "s
     if unknown:
         raise ConfigError(f"Unknown {what} key {unknown[0]!r}; valid keys are: {', '.join(sorted(fields))}.")
     kwargs = {k: _coerce(k, v, hints[k]) for k, v in mapping.items()}
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
-    return obj
+    return cls(**kwargs)
 
 
 def to_mapping(obj: Any) -> dict[str, Any]:

@@ -74,11 +74,12 @@ class FeatureTap:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs, output: Tensor) -> None:
-            if not isinstance(output, Tensor) or output.dim() != 4:
-                raise ConfigError(
-                    f"Layer {name!r} does not output a [B, C, H, W] feature map, so it cannot be tapped."
-                )
-            if self.mode == "naive":
+            if not isinstance(output, Tensor) or output.dim() not in (2, 4):
+                raise ConfigError(f"Layer {name!r} outputs neither a [B, C, H, W] feature map nor a [B, D] vector, "
+                                  "so it cannot be tapped.")
+            if output.dim() == 2:  # already a vector per image (e.g. a Linear or Flatten layer): kept as it is
+                self._features[name] = output if self.out_dtype is None else output.to(self.out_dtype)
+            elif self.mode == "naive":
                 self._features[name] = output
             else:
                 self._features[name] = feature_reduce(output, self.p, out_dtype=self.out_dtype)
@@ -113,7 +114,8 @@ class FeatureTap:
         if missing:
             raise RuntimeError(f"FeatureTap saw no forward pass through layer(s) {missing}.")
         if self.mode == "naive":  # full maps were kept; pooling here makes autograd save them too
-            return {name: self._reduce_naive(self._features[name]) for name in self.layers}
+            return {name: self._reduce_naive(f) if f.dim() == 4 else f
+                    for name, f in ((n, self._features[n]) for n in self.layers)}
         return {name: self._features[name] for name in self.layers}
 
     def _reduce_naive(self, x: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-_DATASETS = ("cifar10", "cifar100", "tinyimagenet", "digits")
+_DATASETS = ("cifar10", "cifar100", "tinyimagenet", "digits", "mnist5k")
 
 
 def _folder():
@@ -42,17 +42,36 @@ def load_preset(name: str) -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-def default_preset(method: str, dataset: str, ipc: int) -> str | None:
-    """The preset a run of ``method`` on ``dataset`` at ``ipc`` starts from, or None when there is none.
+def default_preset(choice, dataset: str, ipc: int) -> str | None:
+    """The preset a run of the resolved method ``choice`` on ``dataset`` at ``ipc`` starts from, or None.
 
-    MTT-based methods ("mtt", "mtt+mim", "mim4dd") use the MTT presets; ``imagefolder`` datasets map
-    to the Tiny ImageNet presets only when named ``tinyimagenet``. DC and DM have no presets here.
+    A method's presets are named ``<spec.preset_prefix>-<dataset>-ipc<N>`` (MTT's serve mtt, mtt+mim and
+    mim4dd); ``imagefolder`` datasets map to the Tiny ImageNet presets only when named ``tinyimagenet``.
     """
-    base = method.lower().split("+")[0]
-    if base not in ("mtt", "mim4dd"):
-        return None
+    if isinstance(choice, str):
+        from .methods.registry import resolve
+
+        choice = resolve(choice)
+    prefix = choice.spec.preset_prefix
     key = dataset.lower().replace("-", "").replace("_", "")
-    if key not in _DATASETS:
+    if prefix is None or key not in _DATASETS:
         return None
-    name = f"mtt-{key}-ipc{int(ipc)}"
+    name = f"{prefix}-{key}-ipc{int(ipc)}"
     return name if name in list_presets() else None
+
+
+def preset_layer_for(name: str, choice) -> dict[str, Any]:
+    """Preset ``name`` as a settings layer for ``choice``: its method tables only apply to the method it
+    was written for (its ``method`` key, else its name's prefix), its [mim] table only to a +mim method."""
+    from .methods.registry import METHODS, resolve
+
+    layer = dict(load_preset(name))
+    if "method" in layer:
+        written_for = resolve(layer["method"]).spec
+    else:
+        written_for = next((s for s in METHODS.values() if s.preset_prefix == name.split("-")[0]), None)
+    if written_for is not choice.spec:
+        layer.pop("method_config", None)
+    if not choice.with_term:
+        layer.pop("mim", None)
+    return layer

@@ -1,63 +1,23 @@
-"""Production distillation: one run directory that survives crashes and can always be resumed.
+"""The ONE place that builds a run: data, experts, method (with the MIM term), evaluation.
 
-RUN_DIR layout (everything written atomically; ``manifest.json`` last, so a run without it is not
-complete):
-  config.toml          every setting, defaults included (reproduce with --config RUN_DIR/config.toml)
-  checkpoints/         ckpt-<iter>.safetensors + .json (the newest two that verify)
-  experts/             MTT expert trajectories (resumable, checksummed)
-  metrics.jsonl        one line per iteration: losses, MI bounds, seconds, memory
-  synthetic.safetensors  images, labels (and MTT's learned step size)
-  synthetic.png        the images per class, de-normalised (ZCA inverted where used)
-  eval.json            evaluation of the distilled set (mean ± std over fresh nets)
-  manifest.json        versions and the sha256 of every file above
+The CLI, the production loop (production.py), the public API (api.py) and every bench script call
+``build_run``; none of them knows which method needs what: they ask the method's spec.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import dataclasses
 import os
-import shutil
-import signal
-import time
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from . import __version__
-from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .distributed import SINGLE, Dist
-from .errors import ConfigError, NonFiniteError, UserError
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir, save_tensors, sha256_file
-from .settings import Settings, build_settings, read_toml
-
-MIN_FREE_BYTES = 64 * 2**20  # refuse to start with less free disk than this
-
-RUN_FILES = ("config.toml", "metrics.jsonl", "synthetic.safetensors", "synthetic.png", "eval.json")
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; the run checkpointed and stopped cleanly."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextmanager
-def _stop_on_signals(flag: dict[str, int]):
-    """Record SIGINT/SIGTERM instead of dying mid-write; the loop checkpoints and stops."""
-    def handler(signum, _frame):
-        flag["signum"] = signum
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+from .errors import ConfigError
+from .settings import Settings
 
 
 def resolve_device(name: str) -> str:
@@ -70,94 +30,10 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def to_toml(settings: Settings) -> str:
-    import tomli_w
-
-    return tomli_w.dumps(settings.to_toml_dict())
-
-
-def prepare_run_dir(out: str | Path, resume: bool) -> Path:
-    """Check the directory is writable and has room, before any work starts."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"Run directory {out} exists and is not a directory.")
-    check_writable_dir(out)
-    free = shutil.disk_usage(out).free
-    if free < MIN_FREE_BYTES:
-        raise UserError(f"Run directory {out} has only {free // 2**20} MiB free; at least "
-                        f"{MIN_FREE_BYTES // 2**20} MiB are needed.")
-    has_run = (out / "config.toml").exists()
-    if has_run and not resume:
-        raise UserError(f"Run directory {out} already holds a run; pass --resume to continue it or choose another "
-                        "directory.")
-    if resume and not has_run:
-        raise UserError(f"Run directory {out} holds no run to resume (config.toml is missing).")
-    return out
-
-
-def _truncate_metrics(path: Path, last_iteration: int) -> None:
-    """Drop metric lines past the checkpoint we resume from (and any torn last line)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if int(record.get("iteration", 0)) <= last_iteration:
-            kept.append(line)
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def save_grid(images: torch.Tensor, labels: torch.Tensor, dataset, path: Path) -> None:
-    """PNG grid, one row per class, de-normalised (ZCA inverted where used)."""
-    import io as _io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pixels = dataset.denormalize(images.float()).cpu()
-    classes = sorted(set(labels.tolist()))
-    per_class = max(int((labels == c).sum()) for c in classes)
-    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 0.9 + 1.2, len(classes) * 0.9),
-                             squeeze=False)
-    for row, c in enumerate(classes):
-        members = pixels[labels == c]
-        for col in range(per_class):
-            ax = axes[row][col]
-            ax.axis("off")
-            if col < members.shape[0]:
-                img = members[col].permute(1, 2, 0).numpy()
-                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
-                          vmin=0, vmax=1)
-        axes[row][0].text(-0.6, 0.5, dataset.class_names[c][:12], transform=axes[row][0].transAxes,
-                          ha="right", va="center", fontsize=8)
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def write_manifest(out: Path, settings: Settings, extra: dict[str, Any]) -> None:
-    files = {}
-    for name in RUN_FILES:
-        if (out / name).exists():
-            files[name] = sha256_file(out / name)
-    from .profiling import environment
-
-    env = {"mim4dd_fast": __version__, **environment(resolve_device(settings.run.device))}
-    atomic_write_json(out / "manifest.json", {"environment": env, "files": files, **extra})
-
+def default_experts_cache() -> Path:
+    """Where expert trajectories are cached between runs: $MIM4DD_CACHE/experts or ~/.cache/mim4dd_fast/experts."""
+    base = os.environ.get("MIM4DD_CACHE")
+    return Path(base) / "experts" if base else Path.home() / ".cache" / "mim4dd_fast" / "experts"
 
 
 def load_run_dataset(run):
@@ -167,181 +43,76 @@ def load_run_dataset(run):
                         seed=run.seed)
 
 
-def _experts_for(settings: Settings, dataset, out: Path, device: str, progress=None, dist: Dist = SINGLE):
-    """Build (or resume building) the MTT experts inside the run directory, checksummed (collective)."""
-    from .config import from_mapping
+def resolve_experts(settings: Settings, dataset, store: str | Path, device: str, progress=None,
+                    dist: Dist = SINGLE) -> list[Tensor] | None:
+    """The expert trajectories the run's method needs (None if it needs none), built or finished in
+    ``store/<dataset>-<settings key>`` and verified by checksum (collective under torchrun)."""
     from .experts import ensure_experts
-    from .methods.registry import canonical_name, config_class
 
-    cfg = from_mapping(config_class(canonical_name(settings.run.method)), settings.method)
-    epochs = settings.run.expert_epochs or (cfg.max_start_epoch + cfg.expert_epochs)
-    return ensure_experts(dataset, out / "experts", num_experts=settings.run.num_experts, epochs=epochs,
-                          seed=settings.run.seed, model_kwargs=cfg.model_kwargs(dataset), device=device,
-                          progress=progress, dist=dist)
-
-
-def build_run_method(settings: Settings, dataset, out: Path, device: str, progress=None, dist: Dist = SINGLE):
-    from .methods.registry import build_method, canonical_name
-
-    name = canonical_name(settings.run.method)
-    experts = _experts_for(settings, dataset, out, device, progress, dist=dist) if name.startswith("mtt") else None
-    return build_method(name, dataset, settings.run.ipc, config=settings.method, mim=settings.mim or None,
-                        experts=experts, device=device, seed=settings.run.seed, init=settings.run.init, dist=dist)
+    plan_for = settings.choice.spec.expert_plan
+    if plan_for is None:
+        return None
+    plan = plan_for(settings.method_config, dataset)
+    return ensure_experts(dataset, store, num_experts=settings.run.num_experts,
+                          epochs=settings.run.expert_epochs or plan.epochs, seed=settings.run.seed,
+                          model_kwargs=plan.model_kwargs, device=device, progress=progress, dist=dist)
 
 
-def _finite_logs(logs: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+@dataclass
+class Run:
+    """A built run: its settings, data, device and method, and the evaluation protocol for its result."""
 
+    settings: Settings
+    dataset: Any
+    device: str
+    method: Any
+    dist: Dist = SINGLE
 
-def evaluate_method(method, dataset, settings: Settings, device: str, n_nets: int | None = None,
-                    dist: Dist = SINGLE) -> dict[str, Any]:
-    from .config import from_mapping
-    from .evaluate import EvalConfig, evaluate_synthetic
+    def step(self) -> dict[str, float]:
+        """One distillation iteration; the method's log scalars."""
+        return self.method.step()
 
-    cfg = from_mapping(EvalConfig, {**settings.eval, **({"n_nets": n_nets} if n_nets else {})})
-    x, y = method.synthetic_set()
-    lr = method.learned_lr() if hasattr(method, "learned_lr") else None
-    return evaluate_synthetic(x, y, dataset, cfg, seed=settings.run.seed, device=device, lr=lr, dist=dist)
-
-
-def _check_finite(method, logs: dict[str, Any], settings: Settings) -> None:
-    """Stop before a NaN/Inf state can be checkpointed; the last checkpoint stays the good one."""
-    loss = logs.get("loss", 0.0)
-    if math.isfinite(float(loss)) and bool(torch.isfinite(method.images).all()):
-        return
-    lr_img = settings.method.get("lr_img")
-    now = f" (now {lr_img})" if lr_img is not None else ""
-    raise NonFiniteError(f"The loss or the synthetic images became NaN/Inf at iteration {method.iteration}; "
-                         f"lower lr_img{now} in [method_config] (and lr_lr for MTT), then resume from the last "
-                         "checkpoint.")
-
-
-def _start_run_dir(settings: Settings, out: Path, resume: bool) -> None:
-    if not resume:
-        atomic_write_text(out / "config.toml", to_toml(settings))
-    (out / "manifest.json").unlink(missing_ok=True)  # the run is incomplete until the end
-
-
-def _resume_state(method, out: Path, dist: Dist, console) -> int:
-    """Load the newest good checkpoint into ``method``; the iteration it holds (0 when there is none).
-
-    Every rank reads the same files; the checkpoint records how many processes wrote it, and a
-    different number now is refused (the per-rank work split, hence the float rounding, would change).
-    """
-    found = load_latest_checkpoint(out / "checkpoints",
-                                   warn=lambda m: console.print(f"warning: {m}") if dist.is_main else None)
-    start = 0
-    if found is not None:
-        start, state = found
-        saved_world = int(state.pop("world_size", 1))
-        if saved_world != dist.world_size:
-            raise UserError(f"Run {out} was checkpointed by {saved_world} process(es) but is resumed with "
-                            f"{dist.world_size}; resume it with the same number (torchrun --nproc-per-node "
-                            f"{saved_world}{' ...' if saved_world > 1 else ' or no torchrun'}).")
-        method.load_state_dict(state)
-    starts = dist.all_gather_objects(start, "agreeing on the checkpoint to resume from")
-    if len(set(starts)) != 1:
-        raise UserError(f"The ranks found different checkpoints in {out / 'checkpoints'} (iterations {starts}); "
-                        "is the run directory on a filesystem every rank sees the same way?")
-    if dist.is_main and found is not None:
-        console.print(f"resuming from iteration {start}")
-    return start
-
-
-def _save_checkpoint(method, out: Path, iteration: int, dist: Dist) -> None:
-    state = {**method.state_dict(), "world_size": dist.world_size}  # state_dict is collective under torchrun
-    if dist.is_main:
-        save_checkpoint(out / "checkpoints", iteration, state)
-
-
-def distill(settings: Settings, out: str | Path, *, resume: bool = False, console=None,
-            dist: Dist = SINGLE) -> dict[str, Any]:
-    """Run (or resume) a distillation into ``out``; returns the final evaluation ({} on ranks other than 0).
-
-    Under torchrun (``dist`` from distributed.init_from_env) every rank runs this collectively: rank 0
-    alone writes the run directory, checkpoints, metrics and results, and draws the progress bar.
-    """
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from .distributed import rank_device
-
-    console = console or Console(stderr=True)
-    out = dist.on_main(lambda: prepare_run_dir(out, resume), "checking the run directory")
-    run = settings.run
-    device = rank_device(resolve_device(run.device), dist)
-    dataset = load_run_dataset(run)
-    dataset.class_index.check_ipc(run.ipc)
-    dist.on_main(lambda: _start_run_dir(settings, out, resume), "starting the run directory")
-
-    method = build_run_method(settings, dataset, out, device, dist=dist)
-    start = 0
-    if resume:
-        start = _resume_state(method, out, dist, console)
-    else:
-        _save_checkpoint(method, out, 0, dist)  # a good state exists from the start
-    if dist.is_main:
-        _truncate_metrics(out / "metrics.jsonl", start)
-
-    stop: dict[str, int] = {}
-    last_eval: dict[str, Any] | None = None
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
-    with _stop_on_signals(stop), Progress(*columns, console=console, transient=False,
-                                          disable=not dist.is_main) as progress:
-        task = progress.add_task(f"distill {run.method}", total=run.iterations, completed=start, status="")
-        for it in range(start + 1, run.iterations + 1):
-            t0 = time.perf_counter()
-            logs = method.step()
-            _check_finite(method, logs, settings)
-            seconds = time.perf_counter() - t0
-            record = {"iteration": it, "seconds": seconds, **_finite_logs(logs)}
-            stopping = dist.any(bool(stop), "agreeing to stop")  # every rank stops at the same iteration
-            if dist.is_main and run.eval_every and it % run.eval_every == 0 and it < run.iterations:
-                last_eval = evaluate_method(method, dataset, settings, device, n_nets=1)
-                record["eval_accuracy"] = last_eval["mean"]
-            if dist.is_main:
-                _append_jsonl(out / "metrics.jsonl", record)
-            if it % run.checkpoint_every == 0 or it == run.iterations or stopping:
-                _save_checkpoint(method, out, it, dist)
-            status = f"loss {record.get('loss', math.nan):.4g}"
-            if last_eval is not None:
-                status += f" acc {100 * last_eval['mean']:.1f}%"
-            progress.update(task, advance=1, status=status)
-            if stopping:
-                raise Interrupted(stop.get("signum", signal.SIGTERM))
-
-    return finish_run(method, dataset, settings, out, device, console, dist)
-
-
-def finish_run(method, dataset, settings: Settings, out: Path, device: str, console,
-               dist: Dist = SINGLE) -> dict[str, Any]:
-    """Write the synthetic set, its picture, the evaluation and (last) the manifest.
-
-    Under torchrun every rank evaluates its share of the nets; rank 0 alone writes (others return {}).
-    """
-    if dist.is_main:
-        x, y = method.synthetic_set()
+    def synthetic(self) -> dict[str, Tensor]:
+        """The distilled set as saved: images, labels and, when the method learns one, its step size."""
+        x, y = self.method.synthetic_set()
         tensors = {"images": x, "labels": y}
-        if hasattr(method, "learned_lr"):
-            tensors["syn_lr"] = torch.tensor([float(method.learned_lr())])
-        save_tensors(out / "synthetic.safetensors", tensors, metadata={"method": settings.run.method,
-                                                                      "dataset": settings.run.dataset})
-        save_grid(x, y, dataset, out / "synthetic.png")
-        console.print(f"evaluating the distilled set on {settings.run.evals} fresh nets ...")
-    result = evaluate_method(method, dataset, settings, device, n_nets=settings.run.evals, dist=dist)
-    if not dist.is_main:
-        return {}
-    atomic_write_json(out / "eval.json", {"method": settings.run.method, "dataset": settings.run.dataset,
-                                          "ipc": settings.run.ipc, **result})
-    write_manifest(out, settings, {"method": settings.run.method, "iterations": settings.run.iterations,
-                                   "accuracy_mean": result["mean"], "accuracy_std": result["std"],
-                                   "distributed": dist.describe()})
-    return result
+        lr = self.method.learned_lr()
+        if lr is not None:
+            tensors["syn_lr"] = torch.tensor([float(lr)])
+        return tensors
+
+    def evaluate(self, n_nets: int | None = None, *, progress=None, dist: Dist | None = None) -> dict[str, Any]:
+        """Fresh nets trained on the distilled set with the evaluation protocol (``n_nets`` overrides
+        ``run.evals``); collective under torchrun (ranks split the nets) unless ``dist`` says otherwise."""
+        from .evaluation import evaluate_synthetic
+
+        cfg = dataclasses.replace(self.settings.eval, n_nets=n_nets or self.settings.run.evals)
+        x, y = self.method.synthetic_set()
+        return evaluate_synthetic(x, y, self.dataset, cfg, seed=self.settings.run.seed, device=self.device,
+                                  lr=self.method.learned_lr(), progress=progress,
+                                  dist=self.dist if dist is None else dist)
 
 
-def load_settings_from_run(out: str | Path) -> Settings:
-    path = Path(out) / "config.toml"
-    if not path.exists():
-        raise UserError(f"{out} is not a run directory (config.toml is missing).")
-    return build_settings(read_toml(path))
+def build_run(settings: Settings, *, dataset=None, device: str | None = None, experts: list[Tensor] | None = None,
+              experts_dir: str | Path | None = None, progress=None, dist: Dist = SINGLE) -> Run:
+    """Build everything a run needs from typed ``settings``.
+
+    ``dataset`` and ``experts`` may be given (bench scripts pass random data and trajectories);
+    otherwise the dataset is loaded from the settings and the experts are resolved in ``experts_dir``
+    (default: the shared cache, ``default_experts_cache()``). ``device`` defaults to the settings'
+    (``auto``: CUDA when present; under torchrun each rank its own GPU).
+    """
+    from .distributed import rank_device
+    from .methods.registry import build_method
+
+    run = settings.run
+    if device is None:
+        device = rank_device(resolve_device(run.device), dist)
+    if dataset is None:
+        dataset = load_run_dataset(run)
+    dataset.class_index.check_ipc(run.ipc)
+    if experts is None:
+        experts = resolve_experts(settings, dataset, experts_dir or default_experts_cache(), device, progress, dist)
+    method = build_method(run.method, dataset, run.ipc, config=settings.method_config, mim=settings.mim,
+                          experts=experts, device=device, seed=run.seed, init=run.init, dist=dist)
+    return Run(settings=settings, dataset=dataset, device=device, method=method, dist=dist)

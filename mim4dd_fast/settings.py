@@ -6,12 +6,13 @@ can be reproduced exactly with ``--config RUN_DIR/config.toml``.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import from_mapping, require, to_mapping
+from .config import Validated, from_mapping, require, to_mapping
 from .errors import ConfigError
 
 try:
@@ -21,7 +22,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 
 @dataclass
-class RunSettings:
+class RunSettings(Validated):
     """Top-level scalars of a distillation run (method-specific settings live in the tables)."""
 
     method: str = "mim4dd"
@@ -41,9 +42,7 @@ class RunSettings:
     expert_epochs: int = 0  # MTT only; 0 = max_start_epoch + expert_epochs (all that is needed)
 
     def validate(self) -> None:
-        from .methods.registry import canonical_name
-
-        canonical_name(self.method)
+        run_choice(self)
         require(self.ipc >= 1, f"ipc must be at least 1, got {self.ipc}.")
         require(self.iterations >= 1, f"iterations must be at least 1, got {self.iterations}.")
         require(self.image_size >= 0, f"image_size must be 0 (native) or positive, got {self.image_size}.")
@@ -58,16 +57,31 @@ class RunSettings:
 
 @dataclass
 class Settings:
-    """Everything a run needs: scalars plus the base method, MIM and evaluation tables."""
+    """Everything a run needs, parsed once into typed objects.
+
+    ``run`` holds the scalars (``run.method`` is the method's name); ``method_config`` is the typed
+    settings of that method's base (e.g. ``MTTConfig``), ``mim`` the term's (``None`` when the method
+    carries no term) and ``eval`` the evaluation protocol. Built by ``build_settings``.
+    """
 
     run: RunSettings
-    method: dict[str, Any] = field(default_factory=dict)
-    mim: dict[str, Any] = field(default_factory=dict)
-    eval: dict[str, Any] = field(default_factory=dict)
+    method_config: Any
+    mim: Any | None
+    eval: Any
+
+    @property
+    def choice(self):
+        """The resolved method (its spec and whether the MIM term is attached)."""
+        from .methods.registry import resolve
+
+        return resolve(self.run.method)
 
     def to_toml_dict(self) -> dict[str, Any]:
-        return {**to_mapping(self.run), "method_config": dict(self.method), "mim": dict(self.mim),
-                "eval": dict(self.eval)}
+        """Every setting, defaults included, in config.toml's shape."""
+        out = {**to_mapping(self.run), "method_config": to_mapping(self.method_config), "eval": to_mapping(self.eval)}
+        if self.mim is not None:
+            out["mim"] = to_mapping(self.mim)
+        return out
 
 
 TABLES = ("method_config", "mim", "eval")
@@ -112,27 +126,97 @@ def merge_layers(*layers: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_settings(mapping: dict[str, Any]) -> Settings:
-    """Validate a merged mapping into Settings (method tables are validated by their classes)."""
+    """Validate a merged mapping (defaults < preset < config file < flags) into typed Settings, once."""
+    from .evaluation import EvalConfig
+    from .methods.mim import MIMConfig
+
     _check_finite(mapping, "")
     scalars = {k: v for k, v in mapping.items() if k not in TABLES}
     run = from_mapping(RunSettings, scalars, what="run setting")
-    method_table = dict(mapping.get("method_config", {}))
-    mim_table = dict(mapping.get("mim", {}))
-    eval_table = dict(mapping.get("eval", {}))
-    # validate each table now, before any work starts
-    from .evaluate import EvalConfig
-    from .methods.registry import canonical_name, config_class
+    choice = run_choice(run)
+    method_config = from_mapping(choice.spec.config_class, mapping.get("method_config"),
+                                 what=f"{choice.spec.name} setting")
+    mim = None
+    if choice.with_term:
+        mim = from_mapping(MIMConfig, mapping.get("mim"), what="mim setting")
+    elif mapping.get("mim"):
+        raise ConfigError(f"A [mim] table was given but method {run.method!r} has no MIM term; "
+                          f"use '{choice.spec.name}+mim'.")
+    return Settings(run=run, method_config=method_config, mim=mim,
+                    eval=from_mapping(EvalConfig, mapping.get("eval"), what="eval setting"))
 
-    name = canonical_name(run.method)
-    from_mapping(config_class(name), method_table, what=f"{name.split('+')[0]} setting")
-    if name.endswith("+mim"):
-        from .methods.mim import MIMConfig
 
-        from_mapping(MIMConfig, mim_table, what="mim setting")
-    elif mim_table:
-        raise ConfigError(f"A [mim] table was given but method {run.method!r} has no MIM term.")
-    from_mapping(EvalConfig, eval_table, what="eval setting")
-    return Settings(run=run, method=method_table, mim=mim_table, eval=eval_table)
+def run_choice(run: RunSettings):
+    from .methods.registry import resolve
+
+    return resolve(run.method)
+
+
+# Table names a --set item may use; "method" is short for the [method_config] table, "run" for the top level.
+_SET_TABLES = {"method": "method_config", "method_config": "method_config", "mim": "mim", "eval": "eval", "run": ""}
+
+
+def _parse_value(text: str) -> Any:
+    """JSON when it parses (numbers, true/false, lists, quoted strings), else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str], method: str | None = None, methods: list[str] | None = None
+                    ) -> dict[str, Any]:
+    """``--set`` items (``mim.tau=0.2``, ``method.lr_img=100``, ``iterations=50``) as a settings layer.
+
+    A ``METHOD:`` prefix (``dm:method.batch_real=64``) limits an item to that method (by resolved name,
+    or exactly when the prefix is one of ``methods``, so aliases can differ side by side); items for
+    another method are skipped. A bad item is a ConfigError; keys and values are checked when the
+    layer is built into Settings.
+    """
+    from .methods.registry import canonical_name
+
+    layer: dict[str, Any] = {}
+    for item in items:
+        scope, colon, rest = item.partition(":")
+        if colon and "=" not in scope:
+            if method is not None:
+                exact = methods is not None and scope in methods
+                if (exact and scope != method) or (not exact and canonical_name(scope) != canonical_name(method)):
+                    continue
+            item = rest
+        key, sep, value = item.partition("=")
+        table, dot, name = key.strip().rpartition(".")
+        if not sep or not name:
+            raise ConfigError(f"--set expects TABLE.KEY=VALUE or KEY=VALUE, got {_short(item)!r}.")
+        if dot and table not in _SET_TABLES:
+            raise ConfigError(f"--set table {_short(table)!r} is unknown; use one of "
+                              f"{', '.join(sorted(_SET_TABLES))} (e.g. mim.tau=0.2).")
+        where = _SET_TABLES[table] if dot else ""
+        if where:
+            layer.setdefault(where, {})[name] = _parse_value(value)
+        else:
+            layer[name] = _parse_value(value)
+    return layer
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def resolve_settings(*layers: dict[str, Any], preset: str | None = None) -> tuple[str | None, Settings]:
+    """Settings from ``layers`` (lowest first) on top of a preset; returns (preset name, Settings).
+
+    Without ``preset`` the method/dataset/IPC's own preset applies when one ships (see presets.py);
+    a preset's method tables apply only to the method it was written for.
+    """
+    from .presets import default_preset, preset_layer_for
+
+    merged = merge_layers(*layers)
+    probe = from_mapping(RunSettings, {k: v for k, v in merged.items() if k not in TABLES}, what="run setting")
+    choice = run_choice(probe)
+    name = preset if preset is not None else default_preset(choice, probe.dataset, probe.ipc)
+    base = preset_layer_for(name, choice) if name else {}
+    return name, build_settings(merge_layers(base, merged))
 
 
 def preset_layer(name: str) -> dict[str, Any]:

@@ -41,10 +41,11 @@ def test_grid_parser_translates_values():
     ("tau=", "empty list"),
     ("tau=,,", "empty list"),
     ("tau=abc", "not a valid float"),
-    ("tau=-1", "positive"),
+    ("tau=-1", "Grid value '-1' for 'tau': MIM tau must be greater than 0"),
     ("tau=nan", "finite"),
     ("n_real=2.5", "not a valid int"),
-    ("head=transformer", "identity, linear or mlp"),
+    ("head=transformer", "Grid value 'transformer' for 'head': Unknown MIM head 'transformer'; choose one of: "
+                         "identity, linear, mlp"),
     ("tau", "name=value"),
 ])
 def test_bad_grids_are_clear_errors(item, message):
@@ -71,7 +72,7 @@ def test_cells_product_and_one_at_a_time():
 
 def _fake_result(cell: Cell, acc: float) -> dict:
     return {"params": dict(cell.params), "seed": cell.seed, "accuracy_mean": acc, "accuracy_std": 0.01,
-            "accuracies": [acc - 0.01, acc + 0.01], "mi_lb": {"mi_lb/blocks.0": 0.5, "mi_lb/blocks.1": 0.8},
+            "accuracies": [acc - 0.01, acc + 0.01], "mi_est": {"mi_est/blocks.0": 0.5, "mi_est/blocks.1": 0.8},
             "final_loss": 0.1, "mim_loss": 0.2, "distill_seconds": 1.0}
 
 
@@ -138,7 +139,7 @@ def test_real_two_cell_sweep_tiny_budget(tmp_path):
     for path in cached:
         result = json.loads(path.read_text())
         assert 0.0 <= result["accuracy_mean"] <= 1.0
-        assert result["mi_lb"] and all(v == v for v in result["mi_lb"].values())
+        assert result["mi_est"] and all(v == v for v in result["mi_est"].values())
     assert "tau=0.5" in (out / "report.md").read_text()
 
 

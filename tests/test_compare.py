@@ -69,9 +69,9 @@ def test_tiny_comparison_writes_the_documented_schema(tmp_path, capsys):
         assert r["peak_rss_delta_bytes"] >= 0
         assert r["traces"] and all(Path(p).exists() for p in r["traces"])
     dm, mim = results
-    assert dm["mi_lower_bound"] is None and dm["expert_seconds"] is None
-    assert set(mim["mi_lower_bound"]) == {"blocks.0", "blocks.1"}  # digits: ConvNet-2, every block tapped
-    assert all(math.isfinite(v) for v in mim["mi_lower_bound"].values())
+    assert dm["mi_estimate"] is None and dm["expert_seconds"] is None
+    assert set(mim["mi_estimate"]) == {"blocks.0", "blocks.1"}  # digits: ConvNet-2, every block tapped
+    assert all(math.isfinite(v) for v in mim["mi_estimate"].values())
     assert _positive(mim["expert_seconds"])
     # both methods share one random-real baseline (same data, IPC, seed and protocol)
     assert dm["random_baseline_mean"] == mim["random_baseline_mean"]
@@ -102,10 +102,11 @@ def test_bad_flags_print_one_sentence_and_exit_2(argv, words, capsys):
 
 
 def test_set_prefix_matches_exact_alias_when_both_are_listed():
-    compare = _load("compare")
-    items = ['mtt+mim:mim.impl="reference"', "mim.tau=0.2", "mtt:method_config.syn_steps=3"]
+    from mim4dd_fast.settings import parse_overrides
+
+    items = ['mtt+mim:mim.impl="reference"', "mim.tau=0.2", "mtt:method_config.syn_steps=3", "mtt:method.lr_img=9"]
     both = ["mtt", "mim4dd", "mtt+mim"]
-    assert compare.overrides(items, "mtt+mim", both)["mim"] == {"impl": "reference", "tau": 0.2}
-    assert compare.overrides(items, "mim4dd", both)["mim"] == {"tau": 0.2}  # the alias is not matched
-    assert compare.overrides(items, "mim4dd", ["mim4dd"])["mim"] == {"impl": "reference", "tau": 0.2}
-    assert compare.overrides(items, "mtt", both)["method_config"] == {"syn_steps": 3}
+    assert parse_overrides(items, "mtt+mim", both)["mim"] == {"impl": "reference", "tau": 0.2}
+    assert parse_overrides(items, "mim4dd", both)["mim"] == {"tau": 0.2}  # the alias is not matched
+    assert parse_overrides(items, "mim4dd", ["mim4dd"])["mim"] == {"impl": "reference", "tau": 0.2}
+    assert parse_overrides(items, "mtt", both)["method_config"] == {"syn_steps": 3, "lr_img": 9}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mim4dd_fast.checkpoint import read_checkpoint, save_checkpoint
 from mim4dd_fast.config import from_mapping
 from mim4dd_fast.errors import ConfigError
-from mim4dd_fast.evaluate import EvalConfig, evaluate_synthetic, random_baseline
+from mim4dd_fast.evaluation import EvalConfig, evaluate_synthetic, random_baseline
 from mim4dd_fast.methods.dc import DC, DCConfig, default_loops, match_distance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,7 +74,7 @@ def _original_match_loss(gw_syn, gw_real, metric):
 def test_image_gradient_matches_original_formulation(digits, metric, dsa):
     """One backward of the summed class losses (the original) == our per-class backward into the images."""
     m = DC(digits, 2, _tiny(dis_metric=metric, dsa=dsa), seed=3, init="noise")
-    net = m._fresh_net(8, None)
+    net = m.fresh_net()
     params = list(net.parameters())
     state = m.generator.get_state()
     m.images.grad = None
@@ -87,7 +87,7 @@ def test_image_gradient_matches_original_formulation(digits, metric, dsa):
         x_real, y_real = m.sample_real(16, [c])
         x_syn, y_syn = m.images[2 * c : 2 * c + 2], torch.full((2,), c)
         if dsa:
-            seed = m._draw_seed()
+            seed = m.draw_seed()
             x_real, x_syn = m._dsa(x_real, seed=seed), m._dsa(x_syn, seed=seed)
         gw_real = [g.detach().clone() for g in torch.autograd.grad(F.cross_entropy(net(x_real), y_real), params)]
         gw_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), params, create_graph=True)
@@ -159,7 +159,9 @@ class FakeTerm:
     def __init__(self, weight):
         self.weight, self.calls, self.zeroed, self.stepped = weight, [], 0, 0
 
-    def loss(self, model, forward_syn, forward_real, x_syn, y_syn, x_real, y_real):
+    def __call__(self, model, x_syn, y_syn, x_real, y_real, *, forward_syn, forward_real):
+        self.zeroed += 1  # the term trains its own parameters inside the call
+        self.stepped += 1
         self.calls.append({
             "same_net": forward_syn is model and forward_real is model,
             "net_params_frozen": not any(p.requires_grad for p in model.parameters()),
@@ -168,11 +170,8 @@ class FakeTerm:
         forward_syn(x_syn)
         return self.weight * x_syn.sum(), {"fake": 1.5}
 
-    def zero_grad(self):
-        self.zeroed += 1
-
-    def step(self):
-        self.stepped += 1
+    def parameters(self):
+        return []
 
     def state_dict(self):
         return {}

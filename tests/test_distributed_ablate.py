@@ -73,7 +73,7 @@ def test_torchrun_sweep_splits_cells_gathers_on_rank0_and_resumes(tmp_path):
     for c in CELLS[1::2]:
         assert cells[c]["rank"] == 0
         assert cells[c]["accuracies"] == original[c]["accuracies"], c
-        assert cells[c]["mi_lb"] == pytest.approx(original[c]["mi_lb"], rel=1e-6, abs=1e-9), c
+        assert cells[c]["mi_est"] == pytest.approx(original[c]["mi_est"], rel=1e-6, abs=1e-9), c
         assert cells[c]["final_loss"] == pytest.approx(original[c]["final_loss"], rel=1e-6), c
 
     # resume under torchrun: only the missing cell is recomputed, by rank 0 (the one pending cell is its share)
@@ -100,7 +100,7 @@ def run_cell(cell, base, experts_dir, threads=1):  # instant fake cells; rank 1'
     if os.environ["RANK"] == "1" and cell.seed == 1 and dict(cell.params)["tau"] == "0.5":
         raise UserError("boom on purpose.")
     return {{"params": dict(cell.params), "seed": cell.seed, "accuracy_mean": 0.5, "accuracy_std": 0.0,
-            "accuracies": [0.5], "mi_lb": {{}}, "final_loss": 1.0, "mim_loss": 0.5, "distill_seconds": 0.0}}
+            "accuracies": [0.5], "mi_est": {{}}, "final_loss": 1.0, "mim_loss": 0.5, "distill_seconds": 0.0}}
 
 ablation.run_cell = run_cell
 sys.exit(ablate.main())

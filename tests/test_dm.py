@@ -9,7 +9,7 @@ import torch
 from mim4dd_fast.checkpoint import read_checkpoint, save_checkpoint
 from mim4dd_fast.config import from_mapping
 from mim4dd_fast.errors import ConfigError
-from mim4dd_fast.evaluate import EvalConfig, evaluate_synthetic, random_baseline
+from mim4dd_fast.evaluation import EvalConfig, evaluate_synthetic, random_baseline
 from mim4dd_fast.methods.dm import DM, DMConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,14 +26,14 @@ def test_step_gradient_matches_original_formulation(digits, dsa):
     logs = m.step()
 
     m.generator.set_state(gen_state)  # replay: same net seed, real batches and DSA seeds
-    net = m._fresh_net(8, None)
+    net = m.fresh_net()
     images = before.clone().requires_grad_(True)
     loss = torch.zeros(())
     for c in range(10):
         x_real, _ = m.sample_real(16, [c])
         x_syn = images[3 * c : 3 * c + 3]
         if dsa:
-            seed = m._draw_seed()
+            seed = m.draw_seed()
             x_real, x_syn = m._dsa(x_real, seed=seed), m._dsa(x_syn, seed=seed)
         loss = loss + torch.sum((net.embed(x_real).detach().mean(0) - net.embed(x_syn).mean(0)) ** 2)
     (grad,) = torch.autograd.grad(loss, images)
@@ -96,17 +96,16 @@ class FakeTerm:
     def __init__(self, weight):
         self.weight, self.calls, self.zeroed, self.stepped = weight, [], 0, 0
 
-    def loss(self, model, forward_syn, forward_real, x_syn, y_syn, x_real, y_real):
+    def __call__(self, model, x_syn, y_syn, x_real, y_real, *, forward_syn, forward_real):
+        self.zeroed += 1  # the term trains its own parameters inside the call
+        self.stepped += 1
         self.calls.append({"same_net": forward_syn is model and forward_real is model,
                            "frozen": not any(p.requires_grad for p in model.parameters()),
                            "n_real": int(x_real.shape[0])})
         return self.weight * x_syn.sum(), {"fake": 2.0}
 
-    def zero_grad(self):
-        self.zeroed += 1
-
-    def step(self):
-        self.stepped += 1
+    def parameters(self):
+        return []
 
     def state_dict(self):
         return {}

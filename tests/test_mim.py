@@ -35,7 +35,7 @@ def _batch(n_per_class: int, classes: int = 3, seed: int = 0):
 
 
 def _loop_loss(a, b, ya, yb, tau, critic="infonce", k=1.0, neg_weight=1.0) -> float:
-    """DESIGN.md's loss written anchor by anchor in float64 (an independent oracle)."""
+    """The loss of docs/method.md written anchor by anchor in float64 (an independent oracle)."""
     a, b = a.double(), b.double()
     a = a / a.norm(dim=1, keepdim=True)
     b = b / b.norm(dim=1, keepdim=True)
@@ -168,7 +168,7 @@ def test_value_matches_direct_computation(critic, symmetric):
                 layer = 0.5 * (layer + _loop_loss(zr, zs, y_real, y_syn, **kw))
             assert logs[f"mim/{name}"] == pytest.approx(layer, rel=1e-4)
             infonce = _loop_loss(zs, zr, y_syn, y_real, tau=0.2)
-            assert logs[f"mi_lb/{name}"] == pytest.approx(math.log(9) - infonce, rel=1e-4, abs=1e-5)
+            assert logs[f"mi_est/{name}"] == pytest.approx(math.log(9) - infonce, rel=1e-4, abs=1e-5)
             total += betas[k] * layer
     assert loss.item() == pytest.approx(0.7 * total, rel=1e-4)
     assert logs["mim_loss"] == pytest.approx(0.7 * total, rel=1e-4)
@@ -249,7 +249,7 @@ def test_real_side_in_chunks_is_exact_and_naive_tap_agrees():
     naive, _ = _term(model, n_real=5, tap="naive").loss(model, model, model, x_syn, y_syn, x_real, y_real)
     assert chunked.item() == pytest.approx(whole.item(), rel=1e-5)
     assert naive.item() == pytest.approx(whole.item(), rel=1e-5)
-    assert logs_c["mi_lb/blocks.0"] == pytest.approx(logs["mi_lb/blocks.0"], rel=1e-5)
+    assert logs_c["mi_est/blocks.0"] == pytest.approx(logs["mi_est/blocks.0"], rel=1e-5)
 
 
 # -- configuration errors ---------------------------------------------------------------------
@@ -308,7 +308,7 @@ def _mim_values(method, iterations: int) -> list[float]:
     values = []
     for _ in range(iterations):
         logs = method.step()
-        assert {"mim_loss", "mim/blocks.0", "mim/blocks.1", "mi_lb/blocks.1"} <= set(logs)
+        assert {"mim_loss", "mim/blocks.0", "mim/blocks.1", "mi_est/blocks.1"} <= set(logs)
         values.append(logs["mim_loss"])
     return values
 
@@ -339,3 +339,38 @@ def test_term_decreases_inside_mtt(digits, tmp_path):
     method = build_method("mtt+mim", digits, 1, config=config, mim=MIM_SMALL, experts=experts)
     values = _mim_values(method, 8)
     assert _decreased(values), values
+
+
+def test_heads_train_on_the_unweighted_bound_at_every_lambda():
+    """lambda weighs the term in the images' loss only: the heads' step is the same at lambda 0, 0.1 and 3,
+    and at lambda 0 the images get no gradient from the term while its heads still move."""
+    model = _net()
+    x_syn, y_syn = _batch(2)
+    x_real, y_real = _batch(4, seed=1)
+    heads, image_grads = [], []
+    for lam in (0.0, 0.1, 3.0):
+        term = _term(model, lam=lam, n_real=4, head_optimizer="sgd", lr_head=0.1)
+        x = x_syn.clone().requires_grad_(True)
+        loss, logs = term(model, x, y_syn, x_real, y_real)
+        if loss.requires_grad:
+            loss.backward()
+        heads.append(torch.cat([p.detach().flatten() for p in term.parameters()]))
+        image_grads.append(None if x.grad is None else x.grad.clone())
+        layer_losses = [logs[f"mim/{name}"] for name in term.layers]
+        assert logs["mim_loss"] == pytest.approx(lam * sum(b * v for b, v in zip(term.beta, layer_losses, strict=True)))
+    torch.testing.assert_close(heads[0], heads[1])
+    torch.testing.assert_close(heads[1], heads[2])
+    start = torch.cat([p.detach().flatten() for p in _term(model, n_real=4).parameters()])
+    assert not torch.equal(heads[0], start)  # lambda 0: the heads moved
+    assert image_grads[0] is None  # ... and the images got nothing from the term
+    torch.testing.assert_close(image_grads[2], image_grads[1] * 30.0, rtol=1e-4, atol=1e-7)
+
+
+def test_head_init_follows_the_run_seed_unless_pinned():
+    model = _net()
+    a = MIMTerm(MIMConfig(), model, 10, seed=1)
+    b = MIMTerm(MIMConfig(), model, 10, seed=2)
+    c = MIMTerm(MIMConfig(seed=5), model, 10, seed=1)
+    d = MIMTerm(MIMConfig(seed=5), model, 10, seed=2)
+    flat = [torch.cat([p.detach().flatten() for p in t.parameters()]) for t in (a, b, c, d)]
+    assert not torch.equal(flat[0], flat[1]) and torch.equal(flat[2], flat[3])

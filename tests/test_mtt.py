@@ -6,14 +6,21 @@ import io
 import pytest
 import torch
 
+from mim4dd_fast.config import from_mapping
 from mim4dd_fast.data import load_dataset
 from mim4dd_fast.errors import ConfigError, NonFiniteError
-from mim4dd_fast.evaluate import EvalConfig, evaluate_synthetic, random_baseline
+from mim4dd_fast.evaluation import EvalConfig, evaluate_synthetic, random_baseline
 from mim4dd_fast.experts import load_experts, train_experts
+from mim4dd_fast.methods.mim import MIMConfig
 from mim4dd_fast.methods.mtt import MTT, MTTConfig, match_loss, unroll_checkpointed, unroll_full
 from mim4dd_fast.models import build_model, functional_forward
 
 W = 16
+def _cfg(mapping: dict) -> MTTConfig:
+    """Typed MTT settings from a mapping, checked as a config file's [method_config] table is."""
+    return from_mapping(MTTConfig, mapping, what="mtt setting")
+
+
 CFG = dict(syn_steps=5, expert_epochs=2, max_start_epoch=4, lr_img=100.0, lr_lr=1e-5, width=W, depth=2)
 
 
@@ -90,7 +97,7 @@ def test_unroll_gradient_matches_finite_differences():
 
 
 def test_loss_decreases_on_digits(digits, experts):
-    m = MTT(digits, 1, config=CFG, experts=experts, seed=0)
+    m = MTT(digits, 1, config=_cfg(CFG), experts=experts, seed=0)
     losses = [m.step()["loss"] for _ in range(20)]
     first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
     assert last < 0.8 * first
@@ -105,7 +112,7 @@ def test_distilled_digits_beat_random_real(digits):
         train_experts(digits, tmp, num_experts=2, epochs=8, seed=0, model_kwargs={"width": 16, "depth": 2})
         ex = load_experts(tmp)
     cfg = dict(syn_steps=8, expert_epochs=2, max_start_epoch=6, lr_img=100.0, lr_lr=1e-5, width=16, depth=2)
-    m = MTT(digits, 1, config=cfg, experts=ex, seed=0)
+    m = MTT(digits, 1, config=_cfg(cfg), experts=ex, seed=0)
     for _ in range(30):
         m.step()
     ev = EvalConfig(epochs=150, n_nets=2, width=32)
@@ -116,8 +123,8 @@ def test_distilled_digits_beat_random_real(digits):
 
 
 def test_both_unroll_modes_take_the_same_step(digits, experts):
-    a = MTT(digits, 1, config={**CFG, "unroll": "full"}, experts=experts, seed=3)
-    b = MTT(digits, 1, config={**CFG, "unroll": "checkpointed"}, experts=experts, seed=3)
+    a = MTT(digits, 1, config=_cfg({**CFG, "unroll": "full"}), experts=experts, seed=3)
+    b = MTT(digits, 1, config=_cfg({**CFG, "unroll": "checkpointed"}), experts=experts, seed=3)
     la, lb = a.step(), b.step()
     assert la["loss"] == pytest.approx(lb["loss"], rel=1e-5)
     torch.testing.assert_close(a.images, b.images, rtol=1e-4, atol=1e-4)
@@ -125,7 +132,7 @@ def test_both_unroll_modes_take_the_same_step(digits, experts):
 
 
 def test_state_dict_round_trip_continues_bit_identically(digits, experts):
-    ref = MTT(digits, 1, config=CFG, experts=experts, seed=7)
+    ref = MTT(digits, 1, config=_cfg(CFG), experts=experts, seed=7)
     for _ in range(2):
         ref.step()
     state = ref.state_dict()
@@ -135,7 +142,7 @@ def test_state_dict_round_trip_continues_bit_identically(digits, experts):
     state = torch.load(buf, weights_only=True)
     ref_logs = [ref.step() for _ in range(2)]
 
-    resumed = MTT(digits, 1, config=CFG, experts=experts, seed=123)
+    resumed = MTT(digits, 1, config=_cfg(CFG), experts=experts, seed=123)
     resumed.load_state_dict(state)
     logs = [resumed.step() for _ in range(2)]
     assert logs == ref_logs
@@ -144,7 +151,7 @@ def test_state_dict_round_trip_continues_bit_identically(digits, experts):
 
 
 def test_nan_guard_restores_last_good_state(digits, experts):
-    m = MTT(digits, 1, config={**CFG, "lr_img": 1e30}, experts=experts, seed=0)
+    m = MTT(digits, 1, config=_cfg({**CFG, "lr_img": 1e30}), experts=experts, seed=0)
     seen = []
     with pytest.raises(NonFiniteError, match=r"lower lr_img \(now 1e\+30\)"):
         for _ in range(10):
@@ -161,19 +168,18 @@ class _SumTerm:
     n_real = 2
 
     def __init__(self, real_side="start", weight=0.5):
-        self.real_side, self.weight, self.calls = real_side, weight, []
+        self.config = MIMConfig(real_side=real_side)
+        self.weight, self.calls = weight, []
 
-    def loss(self, model, forward_syn, forward_real, x_syn, y_syn, x_real, y_real):
+    def __call__(self, model, x_syn, y_syn, x_real, y_real, *, forward_syn, forward_real):
+        self.calls += ["zero_grad", "step"]  # the term trains its own parameters inside the call
         probe = torch.ones(1, 1, 8, 8)
         self.outputs = (forward_syn(probe).detach(), forward_real(probe).detach())
         assert x_real.shape[0] == 2 * 10 and y_real.shape[0] == 20
         return self.weight * x_syn.sum(), {"term": 1.0}
 
-    def zero_grad(self):
-        self.calls.append("zero_grad")
-
-    def step(self):
-        self.calls.append("step")
+    def parameters(self):
+        return []
 
     def state_dict(self):
         return {}
@@ -184,9 +190,9 @@ class _SumTerm:
 
 def test_term_gradient_is_added_to_the_image_step(digits, experts):
     cfg = {**CFG, "dsa": False, "momentum": 0.0}
-    plain = MTT(digits, 1, config=cfg, experts=experts, seed=5)
+    plain = MTT(digits, 1, config=_cfg(cfg), experts=experts, seed=5)
     term = _SumTerm(weight=0.5)
-    with_term = MTT(digits, 1, config=cfg, experts=experts, seed=5, term=term)
+    with_term = MTT(digits, 1, config=_cfg(cfg), experts=experts, seed=5, term=term)
     before = plain.images.detach().clone()
     plain.step()
     logs = with_term.step()
@@ -197,21 +203,21 @@ def test_term_gradient_is_added_to_the_image_step(digits, experts):
     assert torch.equal(syn_out, real_out)  # real_side "start": both at theta*_t
 
     target_term = _SumTerm(real_side="target")
-    MTT(digits, 1, config=cfg, experts=experts, seed=5, term=target_term).step()
+    MTT(digits, 1, config=_cfg(cfg), experts=experts, seed=5, term=target_term).step()
     assert not torch.equal(*target_term.outputs)
 
 
 def test_config_and_expert_validation(digits, experts):
     with pytest.raises(ConfigError, match="unroll"):
-        MTT(digits, 1, config={**CFG, "unroll": "tesla"}, experts=experts)
+        MTT(digits, 1, config=_cfg({**CFG, "unroll": "tesla"}), experts=experts)
     with pytest.raises(ConfigError, match="Unknown mtt setting key"):
-        MTT(digits, 1, config={**CFG, "syn_step": 3}, experts=experts)
+        MTT(digits, 1, config=_cfg({**CFG, "syn_step": 3}), experts=experts)
     with pytest.raises(ConfigError, match="same model"):
-        MTT(digits, 1, config={**CFG, "width": 8}, experts=experts)
+        MTT(digits, 1, config=_cfg({**CFG, "width": 8}), experts=experts)
     with pytest.raises(ConfigError, match="train longer experts"):
-        MTT(digits, 1, config={**CFG, "max_start_epoch": 10}, experts=experts)
+        MTT(digits, 1, config=_cfg({**CFG, "max_start_epoch": 10}), experts=experts)
     with pytest.raises(ConfigError, match="at least one expert"):
-        MTT(digits, 1, config=CFG, experts=[])
+        MTT(digits, 1, config=_cfg(CFG), experts=[])
     assert MTTConfig().unroll == "checkpointed" and MTTConfig().momentum == 0.5
 
 
@@ -219,7 +225,6 @@ def test_config_and_expert_validation(digits, experts):
 
 
 def test_presets_are_valid_and_carry_the_original_values():
-    from mim4dd_fast.config import from_mapping
     from mim4dd_fast.experts import epochs_needed
     from mim4dd_fast.presets import default_preset, list_presets, load_preset
 

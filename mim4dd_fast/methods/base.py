@@ -2,19 +2,25 @@
 
 A method owns the synthetic images (and any learnable extras such as MTT's step size) and exposes
 ``step()``: one distillation iteration returning a dict of float scalars. An optional auxiliary
-``term`` (the MIM4DD mutual-information term) plugs into any method through ``term_loss``.
+``term`` (the MIM4DD mutual-information term) attaches to any method through one mechanism,
+``add_term_gradient``, which the method calls once per iteration with the network it runs.
+Data parallelism stays behind ``self.shard`` (methods/shard.py).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from ..config import Validated
 from ..data import Dataset
 from ..distributed import SINGLE, Dist
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
+from ..models import build_model, default_depth
+from .shard import Shard
 
 
 class AuxTerm(Protocol):
@@ -22,26 +28,12 @@ class AuxTerm(Protocol):
 
     n_real: int  # real images per class the term needs each iteration
 
-    def loss(
-        self,
-        model: nn.Module,
-        forward_syn: Any,
-        forward_real: Any,
-        x_syn: Tensor,
-        y_syn: Tensor,
-        x_real: Tensor,
-        y_real: Tensor,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """Weighted term (lambda already applied) and its log scalars."""
+    def __call__(self, model: nn.Module, x_syn: Tensor, y_syn: Tensor, x_real: Tensor, y_real: Tensor, *,
+                 forward_syn: Any = None, forward_real: Any = None) -> tuple[Tensor, dict[str, float]]:
+        """The weighted term for the images' backward (its own parameters are trained in the call)."""
         ...
 
-    def zero_grad(self) -> None: ...
-
-    def step(self) -> None: ...
-
-    def parameters(self) -> list[Tensor]:
-        """The term's own trainable tensors (heads); averaged over ranks under data parallelism."""
-        ...
+    def parameters(self) -> list[Tensor]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -64,8 +56,33 @@ def init_synthetic(
     return images.clone().float(), labels
 
 
+class ConvNetSettings(Validated):
+    """Base of method configs with ``width`` and ``depth`` fields: the ConvNet the method distils with."""
+
+    width: int
+    depth: int | None
+
+    def model_kwargs(self, dataset: Dataset) -> dict[str, Any]:
+        """ConvNet kwargs with the depth resolved (None = the dataset's default depth)."""
+        depth = default_depth(dataset.image_size) if self.depth is None else self.depth
+        return {"width": self.width, "depth": depth}
+
+
+@contextmanager
+def frozen(model: nn.Module):
+    """The model's parameters need no gradient inside (the term trains its heads and the images only)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
 class DistillMethod:
-    """Base class: synthetic images, RNG, optional term, and state save/restore."""
+    """Base class: synthetic images, settings, RNG, optional term, the shard, and state save/restore."""
 
     name = "base"
 
@@ -73,6 +90,7 @@ class DistillMethod:
         self,
         dataset: Dataset,
         ipc: int,
+        config: Any,
         *,
         init: str = "real",
         device: str | torch.device = "cpu",
@@ -80,8 +98,9 @@ class DistillMethod:
         term: AuxTerm | None = None,
         dist: Dist = SINGLE,
     ) -> None:
-        self.dataset, self.ipc, self.device, self.seed = dataset, ipc, torch.device(device), seed
-        self.dist = dist
+        self.dataset, self.ipc, self.config = dataset, ipc, config
+        self.device, self.seed = torch.device(device), seed
+        self.shard = Shard(dist)
         self.generator = torch.Generator().manual_seed(seed)
         images, labels = init_synthetic(dataset, ipc, init, self.generator)
         self.images = images.to(self.device).requires_grad_(True)
@@ -90,6 +109,10 @@ class DistillMethod:
         self.iteration = 0
 
     # -- shared helpers -------------------------------------------------------------------
+    def draw_seed(self) -> int:
+        """A seed from the method's own generator (DSA, fresh networks): resumes reproduce it."""
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+
     def sample_real(self, n_per_class: int, classes: list[int] | None = None) -> tuple[Tensor, Tensor]:
         """``n_per_class`` random real images of each class (all classes by default), on device."""
         classes = list(range(self.dataset.num_classes)) if classes is None else classes
@@ -100,55 +123,46 @@ class DistillMethod:
             ys.append(torch.full((x.shape[0],), c, dtype=torch.int64))
         return torch.cat(xs).to(self.device), torch.cat(ys).to(self.device)
 
-    def term_loss(self, model: nn.Module, forward_syn, forward_real, x_syn: Tensor, y_syn: Tensor,
-                  augment=None) -> tuple[Tensor, dict[str, float]]:
-        """The auxiliary term on (x_syn, y_syn) vs a fresh real batch; ``augment(x, seed)`` is DSA."""
-        assert self.term is not None
+    def network_template(self) -> nn.Module:
+        """A network of the architecture the method distils with (layer names and widths for the term);
+        built without touching anyone's random stream."""
+        d = self.dataset
+        with torch.random.fork_rng(devices=[]):
+            return build_model(d.channels, d.num_classes, d.image_size, **self.config.model_kwargs(d))
+
+    def add_term_gradient(self, model: nn.Module, forward_syn=None, forward_real=None,
+                          augment=None) -> dict[str, float]:
+        """The one place where a method's iteration meets the auxiliary term.
+
+        Draws a fresh real batch (``term.n_real`` per class), applies the same DSA draw to both sides
+        when ``augment(x, seed)`` is given, evaluates the term on ``model`` (whose own parameters stay
+        untouched; ``forward_syn``/``forward_real`` run it, e.g. from MTT's flat parameter vectors) and
+        adds its image gradient to ``images.grad``. Every rank computes the same term, so its image
+        gradient is averaged over ranks. Returns the term's log scalars ({} without a term).
+        """
+        if self.term is None:
+            return {}
         x_real, y_real = self.sample_real(self.term.n_real)
+        x_syn = self.images
         if augment is not None:
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+            seed = self.draw_seed()
             x_syn, x_real = augment(x_syn, seed), augment(x_real, seed)
-        return self.term.loss(model, forward_syn, forward_real, x_syn, y_syn, x_real, y_real)
+        with frozen(model):
+            loss, logs = self.term(model, x_syn, self.labels, x_real, y_real, forward_syn=forward_syn or model,
+                                   forward_real=forward_real or model)
+            if not bool(torch.isfinite(loss.detach()).all()):
+                raise NonFiniteError(f"The MIM term became non-finite at iteration {self.iteration + 1}; lower its "
+                                     "weight lambda or the images' learning rate lr_img.")
+            if not loss.requires_grad:  # lambda = 0: the term only trained its heads
+                return dict(logs)
+            (grad,) = torch.autograd.grad(loss, self.images)
+        self.shard.average([grad], "averaging the MIM term's image gradient")
+        self.images.grad = grad if self.images.grad is None else self.images.grad + grad
+        return dict(logs)
 
-    # -- data parallelism (every collective is a no-op on one process) --------------------------
-    def owned_classes(self) -> set[int]:
-        """Classes whose synthetic images this rank updates (round-robin; all of them on one process)."""
-        return set(self.dist.owned(range(self.dataset.num_classes)))
-
-    def _owned_rows(self) -> Tensor:
-        """[N, 1, 1, 1] bool: rows of the (class-major) synthetic set that belong to this rank's classes."""
-        owned = torch.tensor(sorted(self.owned_classes()), device=self.labels.device)
-        return torch.isin(self.labels, owned).view(-1, 1, 1, 1)
-
-    def gather_owned(self, local: Tensor, what: str) -> Tensor:
-        """Every rank's own rows of ``local`` (shaped like the images) assembled on every rank (exact)."""
-        if not self.dist.enabled:
-            return local
-        buf = torch.where(self._owned_rows(), local.detach(), torch.zeros((), dtype=local.dtype,
-                                                                           device=local.device))
-        return self.dist.all_reduce_(buf.contiguous(), what)
-
-    def sync_owned_images(self) -> None:
-        """After each rank stepped its own classes' images, give every rank all the new images."""
-        if self.dist.enabled:
-            with torch.no_grad():
-                self.images.copy_(self.gather_owned(self.images, "exchanging the synthetic images"))
-
-    def check_class_sharding(self) -> None:
-        """Class-sharded methods (DC, DM) need at least one class per rank."""
-        if self.dist.world_size > self.dataset.num_classes:
-            raise ConfigError(f"{self.name.upper()} shards the classes over the ranks, but {self.dataset.num_classes} "
-                              f"classes cannot feed {self.dist.world_size} ranks; use at most "
-                              f"{self.dataset.num_classes} processes.")
-
-    def average_term_grads(self, include_images: bool) -> None:
-        """Every rank computed the same MIM term; averaging its gradients keeps the replicas identical
-        even where GPU kernels are not bitwise deterministic (the mean of equal values is the value)."""
-        if not self.dist.enabled or self.term is None:
-            return
-        tensors = list(self.term.parameters()) + ([self.images] if include_images else [])
-        grads = [p.grad for p in tensors if p.grad is not None]
-        self.dist.average_(grads, "averaging the MIM term's gradients")
+    def learned_lr(self) -> float | None:
+        """The student learning rate the method learned (evaluation trains with it); None if it learns none."""
+        return None
 
     def synthetic_set(self) -> tuple[Tensor, Tensor]:
         """Detached copies of the synthetic images and labels (CPU)."""

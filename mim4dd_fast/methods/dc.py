@@ -13,23 +13,18 @@ resumed run is bit-identical. See docs/method.md.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import require
-from ..data import Dataset
-from ..distributed import SINGLE, Dist
-from ..errors import NonFiniteError
-from ..models import build_model
-from .base import AuxTerm, DistillMethod
+from .base import ConvNetSettings
+from .fresh_net import FreshNetMethod
+from .spec import MethodSpec
 
 # (outer_loop, inner_loop) by IPC, DatasetCondensation utils.get_loops.
 LOOP_TABLE: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15),
@@ -55,7 +50,7 @@ def _is_pos(v: object) -> bool:
 
 
 @dataclass
-class DCConfig:
+class DCConfig(ConvNetSettings):
     """DC settings; defaults are the original ``main.py`` (DSA variant)."""
 
     outer_loop: int | None = None  # None: LOOP_TABLE by IPC (see default_loops)
@@ -124,81 +119,20 @@ def match_distance(gw_syn: Sequence[Tensor], gw_real: Sequence[Tensor], metric: 
     raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
 
 
-def load_dsa():
-    """The DSA function (imported on use so this module imports even while augment is absent)."""
-    from ..augment import dsa
-
-    return dsa
-
-
-class FreshNetMixin:
-    """Shared by DC and DM: seeds, a fresh net per iteration, optimizer state in the state dict."""
-
-    generator: torch.Generator
-    device: torch.device
-    dataset: Dataset
-    optimizer: torch.optim.Optimizer
-
-    def _draw_seed(self) -> int:
-        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
-
-    @contextmanager
-    def _local_rng(self):
-        """Global-RNG consumers (module init) inside run from a seed of our generator; caller's RNG untouched."""
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        seed = self._draw_seed()
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            yield
-
-    def _fresh_net(self, width: int, depth: int | None) -> nn.Module:
-        """A randomly initialised ConvNet, built on CPU (init independent of device), in train mode."""
-        d = self.dataset
-        with self._local_rng():
-            net = build_model(d.channels, d.num_classes, d.image_size, width=width, depth=depth)
-        return net.to(self.device).train()
-
-    def _check_finite(self, value: float, what: str, advice: str) -> None:
-        if not math.isfinite(value):
-            it = getattr(self, "iteration", 0)
-            raise NonFiniteError(f"{what} became non-finite at iteration {it}; {advice}.")
-
-    def _optimizer_state(self) -> dict[str, Any]:
-        """The images' optimizer state; under torchrun each rank's momentum rows of its own classes are
-        assembled so the state is the single-process one (collective: every rank calls state_dict)."""
-        state = copy.deepcopy(self.optimizer.state_dict())
-        for entry in state["state"].values():
-            if "momentum_buffer" in entry and entry["momentum_buffer"] is not None:
-                entry["momentum_buffer"] = self.gather_owned(entry["momentum_buffer"], "gathering the optimizer state")
-        return state
-
-    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
-        # Deep copy: torch may keep the given tensors as its own buffers and update them in place.
-        self.optimizer.load_state_dict(copy.deepcopy(state))
-
-
-class DC(FreshNetMixin, DistillMethod):
+class DC(FreshNetMethod):
     """Gradient matching; ``step()`` is one outer iteration of the original (fresh net, outer_loop rounds)."""
 
     name = "dc"
+    config_class = DCConfig
 
-    def __init__(self, dataset: Dataset, ipc: int, config: DCConfig | None = None, *, init: str = "real",
-                 device: str | torch.device = "cpu", seed: int = 0, term: AuxTerm | None = None,
-                 dist: Dist = SINGLE) -> None:
-        super().__init__(dataset, ipc, init=init, device=device, seed=seed, term=term, dist=dist)
-        self.config = config if config is not None else DCConfig()
-        self.config.validate()
-        self.check_class_sharding()
-        self.outer_loop, self.inner_loop = self.config.loops(ipc)
-        self.optimizer = torch.optim.SGD([self.images], lr=self.config.lr_img, momentum=self.config.momentum_img)
-        self._dsa = load_dsa() if self.config.dsa else None
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.outer_loop, self.inner_loop = self.config.loops(self.ipc)
 
     # -- one iteration --------------------------------------------------------------------
     def step(self) -> dict[str, float]:
-        """Under torchrun each rank matches and updates only its own classes' images (their gradients
-        stay local); the new images are exchanged after every round, so the net trains on all of them."""
         cfg = self.config
-        net = self._fresh_net(cfg.width, cfg.depth)
+        net = self.fresh_net()
         params = list(net.parameters())
         net_opt = torch.optim.SGD(params, lr=cfg.lr_net)  # the original: plain SGD, no momentum
         logs: dict[str, float] = {}
@@ -206,14 +140,12 @@ class DC(FreshNetMixin, DistillMethod):
         for ol in range(self.outer_loop):
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.match(net, params)
-            self._check_finite(loss, "The DC matching loss", f"lower lr_img (now {cfg.lr_img:g})")
+            self.check_finite(loss, "The DC matching loss", f"lower lr_img (now {cfg.lr_img:g})")
             total += loss
-            if ol == 0 and self.term is not None:
-                logs = self._term_backward(net, params)
+            if ol == 0:  # the MIM term on this iteration's fresh net, before it trains
+                logs = self.add_term_gradient(net, augment=self._dsa)
             self.optimizer.step()
-            self.sync_owned_images()
-            if ol == 0 and self.term is not None:
-                self.term.step()
+            self.shard.share_rows(self.images, self.labels)  # the net trains on every class's new images
             if ol == self.outer_loop - 1:
                 break
             self.train_net(net, net_opt)
@@ -224,21 +156,18 @@ class DC(FreshNetMixin, DistillMethod):
         """Accumulate d(sum_c distance_c)/d images into ``images.grad``; return the summed distance.
 
         Class by class as the original, but each class's double-backward graph is consumed and freed
-        at once, and only the images' gradient is computed from it.
+        at once, and only the images' gradient is computed from it. Every rank draws every class's random
+        numbers (identical streams); a class's work is done by the rank that owns it.
         """
         cfg, ipc = self.config, self.ipc
         total = torch.zeros((), device=self.device)
-        owned = self.owned_classes()
         for c in range(self.dataset.num_classes):
-            if c not in owned:  # another rank's class: draw its random numbers (identical streams), skip the work
-                self.dataset.class_index.draw(c, cfg.batch_real, self.generator)
-                if self._dsa is not None:
-                    self._draw_seed()
-                continue
             x_real, y_real = self.sample_real(cfg.batch_real, [c])
+            seed = self.draw_seed() if self._dsa is not None else None
+            if not self.shard.owns(c):
+                continue
             x_syn = self.images[c * ipc : (c + 1) * ipc]
-            if self._dsa is not None:
-                seed = self._draw_seed()
+            if seed is not None:
                 x_real, x_syn = self._dsa(x_real, seed=seed), self._dsa(x_syn, seed=seed)
             gw_real = torch.autograd.grad(F.cross_entropy(net(x_real), y_real), params)
             y_syn = self.labels[c * ipc : (c + 1) * ipc]
@@ -246,7 +175,7 @@ class DC(FreshNetMixin, DistillMethod):
             dist = match_distance(gw_syn, [g.detach() for g in gw_real], cfg.dis_metric, cfg.include_1d)
             dist.backward(inputs=[self.images])
             total += dist.detach()
-        return float(self.dist.all_reduce_(total, "the DC loss sum"))
+        return float(self.shard.sum(total, "the DC loss sum"))
 
     def train_net(self, net: nn.Module, net_opt: torch.optim.Optimizer) -> None:
         """``inner_loop`` epochs over a frozen copy of the synthetic set (the original's ``epoch('train')``)."""
@@ -265,26 +194,6 @@ class DC(FreshNetMixin, DistillMethod):
                 loss.backward()
                 net_opt.step()
 
-    def _term_backward(self, net: nn.Module, params: list[Tensor]) -> dict[str, float]:
-        """The auxiliary (MIM) term on this iteration's net; its gradient joins the images' gradient."""
-        assert self.term is not None
-        self.term.zero_grad()
-        for p in params:  # the term trains its own heads and the images, never the matching net
-            p.requires_grad_(False)
-        try:
-            term_loss, logs = self.term_loss(net, net, net, self.images, self.labels, augment=self._dsa)
-            self._check_finite(float(term_loss.detach()), "The MIM term", "lower its weight lambda or lr_img")
-            term_loss.backward()
-            self.average_term_grads(include_images=False)  # image rows: each rank keeps only its own
-        finally:
-            for p in params:
-                p.requires_grad_(True)
-        return dict(logs)
 
-    # -- state ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "optimizer": self._optimizer_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._load_optimizer_state(state["optimizer"])
+SPEC = MethodSpec(name="dc", config_class=DCConfig, build=DC,
+                  summary="gradient matching (Zhao, Mopuri, Bilen, ICLR 2021), with DSA")

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from ..config import require
-from ..data import Dataset
-from ..distributed import SINGLE, Dist
-from .base import AuxTerm, DistillMethod
-from .dc import FreshNetMixin, load_dsa
+from .base import ConvNetSettings
+from .fresh_net import FreshNetMethod
+from .spec import MethodSpec
 
 
 @dataclass
-class DMConfig:
+class DMConfig(ConvNetSettings):
     """DM settings; defaults are the original ``main_DM.py``."""
 
     batch_real: int = 256  # real images per class per iteration
@@ -49,67 +47,42 @@ class DMConfig:
                 f"DM depth must be at least 1 (or unset for the default), got {self.depth!r}.")
 
 
-class DM(FreshNetMixin, DistillMethod):
+class DM(FreshNetMethod):
     """Distribution matching; ``step()`` is one iteration of the original (one image update)."""
 
     name = "dm"
-
-    def __init__(self, dataset: Dataset, ipc: int, config: DMConfig | None = None, *, init: str = "real",
-                 device: str | torch.device = "cpu", seed: int = 0, term: AuxTerm | None = None,
-                 dist: Dist = SINGLE) -> None:
-        super().__init__(dataset, ipc, init=init, device=device, seed=seed, term=term, dist=dist)
-        self.config = config if config is not None else DMConfig()
-        self.config.validate()
-        self.check_class_sharding()
-        self.optimizer = torch.optim.SGD([self.images], lr=self.config.lr_img, momentum=self.config.momentum_img)
-        self._dsa = load_dsa() if self.config.dsa else None
+    config_class = DMConfig
 
     def step(self) -> dict[str, float]:
-        """Under torchrun each rank matches only its own classes and updates their images (gradients
-        stay local); the new images are exchanged at the end of the step."""
+        """Every rank draws every class's random numbers; a class's work is done by the rank that owns it."""
         cfg, ipc, k = self.config, self.ipc, self.dataset.num_classes
-        net = self._fresh_net(cfg.width, cfg.depth)
+        net = self.fresh_net()
         for p in net.parameters():
             p.requires_grad_(False)
         real_means, syn = [], []
-        owned = self.owned_classes()
         for c in range(k):
-            if c not in owned:  # another rank's class: same random draws, no work
-                self.dataset.class_index.draw(c, cfg.batch_real, self.generator)
-                if self._dsa is not None:
-                    self._draw_seed()
-                continue
             x_real, _ = self.sample_real(cfg.batch_real, [c])
+            seed = self.draw_seed() if self._dsa is not None else None
+            if not self.shard.owns(c):
+                continue
             x_syn = self.images[c * ipc : (c + 1) * ipc]
-            if self._dsa is not None:
-                seed = self._draw_seed()
+            if seed is not None:
                 x_real, x_syn = self._dsa(x_real, seed=seed), self._dsa(x_syn, seed=seed)
             with torch.no_grad():
                 real_means.append(net.embed(x_real).mean(0))
             syn.append(x_syn)
         syn_means = net.embed(torch.cat(syn)).view(len(syn), ipc, -1).mean(1)
         loss = ((torch.stack(real_means) - syn_means) ** 2).sum()
-        value = float(self.dist.all_reduce_(loss.detach().clone(), "the DM loss sum"))
-        self._check_finite(value, "The DM matching loss", f"lower lr_img (now {cfg.lr_img:g})")
+        value = float(self.shard.sum(loss.detach(), "the DM loss sum"))
+        self.check_finite(value, "The DM matching loss", f"lower lr_img (now {cfg.lr_img:g})")
         self.optimizer.zero_grad(set_to_none=True)
-        logs: dict[str, float] = {}
-        if self.term is not None:
-            self.term.zero_grad()
-            term_loss, logs = self.term_loss(net, net, net, self.images, self.labels, augment=self._dsa)
-            self._check_finite(float(term_loss.detach()), "The MIM term", "lower its weight lambda or lr_img")
-            loss = loss + term_loss
         loss.backward()
-        self.average_term_grads(include_images=False)  # image rows: each rank keeps only its own
+        logs = self.add_term_gradient(net, augment=self._dsa)
         self.optimizer.step()
-        self.sync_owned_images()
-        if self.term is not None:
-            self.term.step()
+        self.shard.share_rows(self.images, self.labels)
         self.iteration += 1
-        return {"loss": value / k, **dict(logs)}
+        return {"loss": value / k, **logs}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "optimizer": self._optimizer_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._load_optimizer_state(state["optimizer"])
+SPEC = MethodSpec(name="dm", config_class=DMConfig, build=DM,
+                  summary="distribution matching (Zhao & Bilen, WACV 2023), with DSA")

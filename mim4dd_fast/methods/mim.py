@@ -1,7 +1,7 @@
-"""The MIM4DD term: a layer-wise contrastive lower bound on I(real; synthetic), added to any method.
+"""The MIM4DD term: a layer-wise contrastive estimate of I(real; synthetic), added to any method.
 
 For each tapped layer k (shallow to deep) the pooled feature f_k (FeatureTap) of the synthetic and
-of a fresh real batch is embedded by a head g_k, and the contrastive loss of DESIGN.md compares
+of a fresh real batch is embedded by a head g_k, and the contrastive loss (docs/method.md) compares
 synthetic anchors with real keys (positive pair = same label). The term is
 
     lambda * sum_k beta_k * contrastive_loss(g_k(f_k(x_syn)), g_k'(f_k(x_real)), y_syn, y_real)
@@ -22,11 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import require
+from ..config import Validated, require
+from ..distributed import SINGLE, Dist
 from ..errors import ConfigError
 from ..hooks import FeatureTap, resolve_layers
 from ..kernels import contrastive_loss
 from ..kernels.contrastive import IMPLS as CONTRASTIVE_IMPLS
+from .shard import Shard
 
 FEATURE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _CHOICES = {
@@ -44,7 +46,7 @@ _CHOICES = {
 
 
 @dataclass
-class MIMConfig:
+class MIMConfig(Validated):
     """Settings of the MIM4DD term (see docs/method.md for why each default)."""
 
     lam: float = 0.1  # lambda: weight of the term next to the method's own loss
@@ -70,7 +72,7 @@ class MIMConfig:
     impl: str = "auto"  # contrastive_loss implementation
     real_chunk: int = 128  # real images per forward pass of the real side (bounds peak memory)
     tap: str = "fused"  # "fused": keep only pooled features; "naive": keep full maps (for comparison)
-    seed: int = 0  # head initialisation seed (does not touch the global RNG)
+    seed: int | None = None  # head initialisation seed; None = the run's seed (never touches the global RNG)
 
     def validate(self) -> None:
         for name, choices in _CHOICES.items():
@@ -134,41 +136,50 @@ def build_head(kind: str, in_dim: int, width: int) -> nn.Module:
 
 
 class MIMTerm:
-    """The MIM4DD term (implements ``methods.base.AuxTerm``).
+    """The MIM4DD term (implements ``methods.base.AuxTerm``): also a plug-in for anyone's training loop.
 
-    Built by the registry as ``MIMTerm(config, model, num_classes, device)``; ``model`` is a template
-    of the network the method runs (used for layer names and feature widths only).
+    ``MIMTerm(config, model, num_classes)``: ``model`` is the network the features come from (for our
+    methods a template of the ConvNet they run: layer names and feature widths). Any ``nn.Module``
+    works when ``config.layers`` names the modules to tap; heads are then built at the first call,
+    from the widths of the pooled features (``[B, C*pool*pool]`` for conv maps, ``[B, D]`` otherwise).
+
+    ``term(model, x_syn, y_syn, x_real, y_real)`` returns ``(loss, logs)``: ``loss`` is the weighted term
+    for the caller's backward (its graph reaches ``x_syn`` through the model, not the heads) and the
+    heads have already taken their optimizer step (averaged over ranks under torchrun).
     """
 
     def __init__(self, config: MIMConfig, model: nn.Module, num_classes: int,
-                 device: str | torch.device = "cpu") -> None:
-        config.validate()
+                 device: str | torch.device = "cpu", dist: Dist = SINGLE, seed: int = 0) -> None:
         self.config = config
+        self.head_seed = seed if config.seed is None else config.seed  # the run's seed unless pinned
         self.num_classes = num_classes
         self.device = torch.device(device)
+        self.shard = Shard(dist)
         self.layers = resolve_layers(model, config.layers)
         self.beta = beta_weights(len(self.layers), config.beta, config.beta_value, config.beta_list)
         self.n_real = config.n_real
-        self.real_side = config.real_side
         self.feature_dtype = FEATURE_DTYPES[config.feature_dtype]
-
+        self.heads = self.heads_real = self.head_modules = None
+        self.optimizer: torch.optim.Optimizer | None = None
         shapes = getattr(model, "layer_shapes", None)
-        if shapes is None:
-            raise ConfigError("The MIM term needs a model with layer_shapes() (a ConvNet).")
-        shapes = shapes()
-        dims = [shapes[name][0] * config.pool * config.pool for name in self.layers]
+        if shapes is not None:  # a ConvNet knows its widths: build the heads now
+            shapes = shapes()
+            self._build_heads([shapes[name][0] * config.pool * config.pool for name in self.layers])
+
+    def _build_heads(self, dims: list[int]) -> None:
+        config = self.config
+        self.dims = list(dims)  # input width of each layer's head
         n_sets = 2 if config.head_sharing == "separate" else 1
         # Heads are initialised from their own seed so adding the term does not shift the
         # method's random stream (fork_rng restores the global CPU RNG afterwards).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
+            torch.manual_seed(self.head_seed)
             sets = [nn.ModuleList([build_head(config.head, d, config.head_width) for d in dims])
                     for _ in range(n_sets)]
         self.heads = sets[0].to(self.device)
         self.heads_real = sets[1].to(self.device) if n_sets == 2 else self.heads
         self.head_modules = nn.ModuleList(sets).to(self.device)
         params = list(self.head_modules.parameters())
-        self.optimizer: torch.optim.Optimizer | None = None
         if config.head_train == "frozen":
             for p in params:
                 p.requires_grad_(False)
@@ -201,6 +212,10 @@ class MIMTerm:
     def features(self, model: nn.Module, forward_syn, forward_real, x_syn: Tensor,
                  x_real: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Pooled features of each tapped layer: synthetic (with graph) and real (no graph)."""
+        if x_syn.is_leaf and x_syn.requires_grad:
+            # a view, not the leaf itself: module hooks (e.g. FlopCounterMode's) cannot run under autograd.grad
+            # when a module's input is a leaf
+            x_syn = x_syn.view_as(x_syn)
         with FeatureTap(model, self.layers, self.config.pool, self.feature_dtype, mode=self.config.tap) as tap:
             forward_syn(x_syn)
             f_syn = tap.features
@@ -221,15 +236,15 @@ class MIMTerm:
         return contrastive_loss(a, b, ya, yb, tau=c.tau, critic=critic, noise_ratio=c.noise_ratio,
                                 neg_weight=c.neg_weight, reduction="mean", impl=c.impl)
 
-    def loss(self, model: nn.Module, forward_syn, forward_real, x_syn: Tensor, y_syn: Tensor,
-             x_real: Tensor, y_real: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """lambda * sum_k beta_k L_k and logs: mim_loss, mim/<layer>, mi_lb/<layer> (nats)."""
-        self._check_real_batch(y_real)
+    def _objective(self, f_syn: dict[str, Tensor], f_real: dict[str, Tensor], y_syn: Tensor, y_real: Tensor,
+                   n_keys: int) -> tuple[Tensor, dict[str, float]]:
+        """sum_k beta_k L_k over the tapped layers (unweighted) and the per-layer logs."""
         c = self.config
-        f_syn, f_real = self.features(model, forward_syn, forward_real, x_syn, x_real)
+        if self.heads is None:
+            self._build_heads([f_syn[name].shape[1] for name in self.layers])
         total: Tensor | None = None
         logs: dict[str, float] = {}
-        log_m = math.log(x_real.shape[0])
+        log_m = math.log(n_keys)
         for k, name in enumerate(self.layers):
             # Heads and the loss run in float32 whatever dtype the tap stored features in.
             z_syn = self.heads[k](f_syn[name].float())
@@ -243,27 +258,77 @@ class MIMTerm:
                 infonce = forward if c.critic == "infonce" else self._contrast(
                     z_syn.detach(), z_real.detach(), y_syn, y_real, "infonce")
                 logs[f"mim/{name}"] = float(layer_loss.detach())
-                logs[f"mi_lb/{name}"] = log_m - float(infonce.detach())
+                logs[f"mi_est/{name}"] = log_m - float(infonce.detach())
         assert total is not None
-        weighted = c.lam * total
+        return total, logs
+
+    def loss(self, model: nn.Module, forward_syn, forward_real, x_syn: Tensor, y_syn: Tensor,
+             x_real: Tensor, y_real: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """lambda * sum_k beta_k L_k with its full graph (heads included) and logs: mim_loss, mim/<layer>,
+        mi_est/<layer> (log M - InfoNCE in nats; docs/theory.md says what it estimates). The building
+        block of ``__call__``; tests and analyses use it directly."""
+        self._check_real_batch(y_real)
+        f_syn, f_real = self.features(model, forward_syn, forward_real, x_syn, x_real)
+        total, logs = self._objective(f_syn, f_real, y_syn, y_real, x_real.shape[0])
+        weighted = self.config.lam * total
         logs["mim_loss"] = float(weighted.detach())
         return weighted, logs
 
+    def __call__(self, model: nn.Module, x_syn: Tensor, y_syn: Tensor, x_real: Tensor, y_real: Tensor, *,
+                 forward_syn=None, forward_real=None) -> tuple[Tensor, dict[str, float]]:
+        """The weighted term for the caller's backward; the heads are trained here (see the class doc).
+
+        The heads maximise the estimate itself: their gradient is that of the unweighted sum_k beta_k L_k,
+        at every lambda (lambda = 0 included), so the logged estimate means the same across lambda. lambda
+        weighs the term in the images' loss only. One backward pass through the heads and the
+        contrastive loss gives the heads' gradient and the gradient at the synthetic features; the
+        returned tensor carries lambda times the latter into the model (value: the weighted term;
+        gradient: lambda * features . grad), so the caller's backward never reaches the heads, which
+        have already stepped.
+        """
+        self._check_real_batch(y_real)
+        f_syn, f_real = self.features(model, forward_syn or model, forward_real or model, x_syn, x_real)
+        total, logs = self._objective(f_syn, f_real, y_syn, y_real, x_real.shape[0])
+        lam = self.config.lam
+        logs["mim_loss"] = float(lam * total.detach())
+        params = self.parameters()
+        feats = [f_syn[name] for name in self.layers if f_syn[name].requires_grad and lam != 0]
+        grads = torch.autograd.grad(total, params + feats, allow_unused=True) if params or feats else ()
+        head_grads, feat_grads = grads[: len(params)], grads[len(params):]
+        if self.optimizer is not None:
+            for p, g in zip(params, head_grads, strict=True):
+                p.grad = torch.zeros_like(p) if g is None else g
+            self.shard.average([p.grad for p in params], "averaging the MIM heads' gradients")
+            self.step()
+        value = lam * total.detach()
+        carried = [(f * g).sum() for f, g in zip(feats, feat_grads, strict=True) if g is not None]
+        if not carried:
+            return value, logs
+        surrogate = lam * torch.stack(carried).sum()
+        return surrogate - surrogate.detach() + value, logs
+
     # -- head optimisation and state ---------------------------------------------------------
     def zero_grad(self) -> None:
+        """For the manual path (``loss`` + your own backward + ``step``)."""
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> None:
+        """One optimizer step of the heads (``__call__`` takes it itself)."""
         if self.optimizer is not None:
             self.optimizer.step()
 
     def parameters(self) -> list[Tensor]:
+        if self.head_modules is None:
+            return []
         return [p for p in self.head_modules.parameters() if p.requires_grad]
 
     def state_dict(self) -> dict[str, Any]:
+        if self.head_modules is None:
+            return {}
         state: dict[str, Any] = {
             "heads": {k: v.detach().cpu().clone() for k, v in self.head_modules.state_dict().items()},
+            "dims": list(self.dims),
         }
         if self.optimizer is not None:
             # deepcopy: the optimizer's state_dict shares its moment tensors with the live optimizer.
@@ -271,6 +336,10 @@ class MIMTerm:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if self.head_modules is None:  # a generic model's heads are built at the first call: widths saved
+            self._build_heads([int(d) for d in state["dims"]])
         self.head_modules.load_state_dict(state["heads"])
         if self.optimizer is not None and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])

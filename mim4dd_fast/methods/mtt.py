@@ -38,19 +38,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import from_mapping, require
+from ..config import require
 from ..data import Dataset
 from ..distributed import SINGLE, Dist
 from ..errors import ConfigError, NonFiniteError
 from ..experts import epochs_needed
-from ..models import build_model, default_depth, functional_forward
-from .base import AuxTerm, DistillMethod
+from ..models import build_model, functional_forward
+from .base import AuxTerm, ConvNetSettings, DistillMethod
+from .shard import Part, Shard
+from .spec import ExpertPlan, MethodSpec
 
 Batch = tuple[Tensor, "int | None"]  # (indices into the synthetic set, DSA seed or None)
 
 
 @dataclass
-class MTTConfig:
+class MTTConfig(ConvNetSettings):
     """MTT settings; names and defaults follow the original ``distill.py`` (see docs for presets)."""
 
     syn_steps: int = 20  # N: student SGD steps per iteration
@@ -80,11 +82,6 @@ class MTTConfig:
         require(self.width >= 1, f"width must be at least 1, got {self.width}.")
         require(self.depth is None or self.depth >= 1, f"depth must be at least 1, got {self.depth}.")
 
-    def model_kwargs(self, dataset: Dataset) -> dict[str, Any]:
-        """ConvNet kwargs with the depth resolved (also the experts' ``model_kwargs``)."""
-        depth = default_depth(dataset.image_size) if self.depth is None else self.depth
-        return {"width": self.width, "depth": depth}
-
 
 # -- the unroll ------------------------------------------------------------------------------------
 
@@ -101,9 +98,6 @@ def augment_step(x: Tensor, seed: int | None, rows: Tensor | None = None, full_b
     from ..augment import dsa
 
     return dsa(x, generator=torch.Generator().manual_seed(int(seed)), rows=rows, full_batch=full_batch)
-
-
-Part = tuple[int, int]  # [start, stop) positions of a data-parallel rank's share of a step's minibatch
 
 
 def _step_grad(model: nn.Module, theta: Tensor, images: Tensor, labels: Tensor, batch: Batch,
@@ -132,8 +126,11 @@ def match_loss(theta_n: Tensor, start: Tensor, target: Tensor) -> Tensor:
 
 
 def unroll_full(model: nn.Module, start: Tensor, target: Tensor, images: Tensor, labels: Tensor,
-                syn_lr: Tensor, batches: list[Batch]) -> tuple[Tensor, Tensor, Tensor]:
-    """The original: one graph over all steps. Returns (loss, dL/dimages, dL/dsyn_lr)."""
+                syn_lr: Tensor, batches: list[Batch], shard: Shard | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The original: one graph over all steps. Returns (loss, dL/dimages, dL/dsyn_lr).
+
+    One process only (``shard`` is accepted for a uniform signature; data-parallel MTT is checkpointed).
+    """
     with torch.enable_grad():
         theta = start.detach().requires_grad_(True)
         for batch in batches:
@@ -146,17 +143,19 @@ def unroll_full(model: nn.Module, start: Tensor, target: Tensor, images: Tensor,
 
 
 def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images: Tensor, labels: Tensor,
-                        syn_lr: Tensor, batches: list[Batch], dist: Dist = SINGLE) -> tuple[Tensor, Tensor, Tensor]:
+                        syn_lr: Tensor, batches: list[Batch], shard: Shard | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact gradient with one step's graph alive at a time (see the module docstring).
 
-    Data-parallel (``dist`` with N > 1 ranks): each rank computes g_k, and in the backward pass
+    Data-parallel (``shard`` of N > 1 ranks): each rank computes g_k, and in the backward pass
     (dg_k/dtheta)^T a and (dg_k/dX)^T a, on its share of step k's minibatch only. g_k and the
     vector-Hessian product are summed over ranks every step (two all-reduces of P floats), so every
     rank walks the same theta_k and adjoint a_k; the image and step-size gradients are summed once at
     the end. The result equals the single-process one up to float rounding.
     """
+    shard = shard or Shard()
     n = len(batches)
-    parts: list[Part | None] = [dist.shard(b[0].numel()) if dist.enabled else None for b in batches]
+    parts = [shard.part(idx.numel()) for idx, _ in batches]
     lr = syn_lr.detach()
     x = images.detach().requires_grad_(True)
     # theta_0 .. theta_{N-1} in ONE buffer: many long-lived per-step vectors interleaved with each
@@ -168,8 +167,7 @@ def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images:
             theta = thetas[k].detach().requires_grad_(True)
             last = k == n - 1  # the last step keeps its graph: the backward pass starts with it
             g = _step_grad(model, theta, x, labels, batch, create_graph=last, part=parts[k])
-            g_sum = dist.all_reduce_(g.detach().clone(), "the unroll's gradient sum") if dist.enabled else g.detach()
-            theta_n = (theta.detach() - lr * g_sum)
+            theta_n = theta.detach() - lr * shard.sum(g.detach(), "the unroll's gradient sum")
             if not last:
                 thetas[k + 1] = theta_n
         theta_n.requires_grad_(True)
@@ -184,10 +182,10 @@ def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images:
             g_lr -= torch.dot(adj, g.detach())
             h_theta, h_x = torch.autograd.grad(g, [theta, x], grad_outputs=adj)
             g_img -= lr * h_x
-            adj = adj - lr * dist.all_reduce_(h_theta, "the unroll's adjoint sum")
+            adj = adj - lr * shard.sum(h_theta, "the unroll's adjoint sum")
             g = h_theta = h_x = None
-    if dist.enabled:  # the image and step-size gradients: one all-reduce for both
-        flat = dist.all_reduce_(torch.cat([g_img.reshape(-1), g_lr.reshape(1)]), "the image gradient sum")
+    if shard.enabled:  # the image and step-size gradients: one all-reduce for both
+        flat = shard.sum(torch.cat([g_img.reshape(-1), g_lr.reshape(1)]), "the image gradient sum")
         g_img, g_lr = flat[:-1].view_as(g_img), flat[-1]
     return loss.detach(), g_img, g_lr.reshape(syn_lr.shape)
 
@@ -211,8 +209,8 @@ class MTT(DistillMethod):
         self,
         dataset: Dataset,
         ipc: int,
+        config: MTTConfig | None = None,
         *,
-        config: MTTConfig | dict[str, Any] | None = None,
         experts: list[Tensor],
         init: str = "real",
         device: str | torch.device = "cpu",
@@ -220,10 +218,9 @@ class MTT(DistillMethod):
         term: AuxTerm | None = None,
         dist: Dist = SINGLE,
     ) -> None:
-        cfg = config if isinstance(config, MTTConfig) else from_mapping(MTTConfig, config, what="mtt setting")
-        cfg.validate()
-        super().__init__(dataset, ipc, init=init, device=device, seed=seed, term=term, dist=dist)
-        self.cfg = cfg
+        super().__init__(dataset, ipc, config or MTTConfig(), init=init, device=device, seed=seed, term=term,
+                         dist=dist)
+        cfg = self.config
         self._check_data_parallel()
         kwargs = cfg.model_kwargs(dataset)
         self.model = build_model(dataset.channels, dataset.num_classes, dataset.image_size, **kwargs)
@@ -236,13 +233,13 @@ class MTT(DistillMethod):
 
     def _check_data_parallel(self) -> None:
         """Data-parallel MTT shards each student step's minibatch: every rank needs at least one image."""
-        if not self.dist.enabled:
+        world = self.shard.dist.world_size
+        if world == 1:
             return
-        world = self.dist.world_size
-        if self.cfg.unroll != "checkpointed":
+        if self.config.unroll != "checkpointed":
             raise ConfigError(f"Data-parallel MTT ({world} processes) needs unroll = 'checkpointed', got "
-                              f"{self.cfg.unroll!r}.")
-        per_step = min(self.cfg.batch_syn or self.images.shape[0], self.images.shape[0])
+                              f"{self.config.unroll!r}.")
+        per_step = min(self.config.batch_syn or self.images.shape[0], self.images.shape[0])
         if per_step < world:
             raise ConfigError(f"Data-parallel MTT splits each student step's {per_step} synthetic images over "
                               f"{world} processes; use at most {per_step} processes or a larger batch_syn.")
@@ -251,7 +248,7 @@ class MTT(DistillMethod):
         if not experts:
             raise ConfigError("MTT needs at least one expert trajectory; train experts first (mim4dd-fast experts).")
         n_params = sum(p.numel() for p in self.model.parameters())
-        need = epochs_needed(self.cfg)
+        need = epochs_needed(self.config)
         for traj in experts:
             if traj.dim() != 2 or traj.shape[1] != n_params:
                 raise ConfigError(
@@ -269,14 +266,14 @@ class MTT(DistillMethod):
     def _plan(self) -> list[Batch]:
         """Minibatch indices (the original's shuffled chunks) and one DSA seed per student step."""
         n = self.images.shape[0]
-        size = min(self.cfg.batch_syn or n, n)
+        size = min(self.config.batch_syn or n, n)
         chunks: list[Tensor] = []
         batches: list[Batch] = []
-        for _ in range(self.cfg.syn_steps):
+        for _ in range(self.config.syn_steps):
             if not chunks:
                 chunks = list(torch.randperm(n, generator=self.generator).split(size))
             idx = chunks.pop(0).to(self.device)
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)) if self.cfg.dsa else None
+            seed = self.draw_seed() if self.config.dsa else None
             batches.append((idx, seed))
         return batches
 
@@ -299,7 +296,8 @@ class MTT(DistillMethod):
 
     def _diverged(self, snap: dict[str, Any], what: str, blame_lr: bool) -> NonFiniteError:
         self._restore(snap)
-        hint = (f"lower lr_lr (now {self.cfg.lr_lr:g})" if blame_lr else f"lower lr_img (now {self.cfg.lr_img:g})")
+        cfg = self.config
+        hint = f"lower lr_lr (now {cfg.lr_lr:g})" if blame_lr else f"lower lr_img (now {cfg.lr_img:g})"
         return NonFiniteError(
             f"MTT produced a non-finite {what} at iteration {self.iteration + 1}; the last good synthetic images "
             f"were restored, {hint}."
@@ -307,50 +305,32 @@ class MTT(DistillMethod):
 
     # -- the iteration ------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
-        cfg = self.cfg
+        cfg = self.config
         at_start = self._snapshot()
         e = int(torch.randint(len(self.experts), (1,), generator=self.generator))
         t = int(torch.randint(cfg.max_start_epoch, (1,), generator=self.generator))
         traj = self.experts[e]
         start = traj[t].to(self.device, self.images.dtype)
         target = traj[t + cfg.expert_epochs].to(self.device, self.images.dtype)
-        unroll_args = (self.model, start, target, self.images, self.labels, self.syn_lr, self._plan())
-        if self.dist.enabled:
-            loss, g_img, g_lr = unroll_checkpointed(*unroll_args, dist=self.dist)
-        else:
-            loss, g_img, g_lr = UNROLLS[cfg.unroll](*unroll_args)
-        logs: dict[str, float] = {}
+        loss, g_img, g_lr = UNROLLS[cfg.unroll](self.model, start, target, self.images, self.labels, self.syn_lr,
+                                                self._plan(), shard=self.shard)
+        if not math.isfinite(float(loss)):
+            raise self._diverged(self._good, "loss", blame_lr=not _finite(self.syn_lr.detach()))
         self.opt_img.zero_grad(set_to_none=True)
         self.opt_lr.zero_grad(set_to_none=True)
-        term_loss = None
-        if self.term is not None:
-            self.term.zero_grad()
-            real_theta = target if getattr(self.term, "real_side", "start") == "target" else start
-            augment = _siamese_dsa if cfg.dsa else None
-            term_loss, term_logs = self.term_loss(
-                self.model, partial(functional_forward, self.model, start),
-                partial(functional_forward, self.model, real_theta), self.images, self.labels, augment=augment,
-            )
-            logs.update(term_logs)
-        if not math.isfinite(float(loss)) or (term_loss is not None and not _finite(term_loss.detach())):
-            raise self._diverged(self._good, "loss", blame_lr=not _finite(self.syn_lr.detach()))
+        self.images.grad, self.syn_lr.grad = g_img, g_lr
+        real_theta = target if self.term is not None and self.term.config.real_side == "target" else start
+        try:
+            logs = self.add_term_gradient(self.model, partial(functional_forward, self.model, start),
+                                          partial(functional_forward, self.model, real_theta),
+                                          augment=_siamese_dsa if cfg.dsa else None)
+        except NonFiniteError:
+            raise self._diverged(self._good, "loss", blame_lr=False) from None
         self._good = at_start  # these images gave a finite loss
-        self.syn_lr.grad = g_lr
-        if term_loss is None:
-            self.images.grad = g_img
-        elif not self.dist.enabled:
-            self.images.grad = g_img
-            term_loss.backward()
-        else:  # each rank computed the same term: average its gradients, then add the summed unroll gradient
-            term_loss.backward()
-            self.average_term_grads(include_images=True)
-            self.images.grad = g_img if self.images.grad is None else self.images.grad + g_img
         if not (_finite(self.images.grad) and _finite(self.syn_lr.grad)):
             raise self._diverged(at_start, "gradient", blame_lr=not _finite(self.syn_lr.grad))
         self.opt_img.step()
         self.opt_lr.step()
-        if self.term is not None:
-            self.term.step()
         if not (_finite(self.images.detach()) and _finite(self.syn_lr.detach())):
             raise self._diverged(at_start, "update", blame_lr=not _finite(self.syn_lr.detach()))
         self.iteration += 1
@@ -381,3 +361,13 @@ def _siamese_dsa(x: Tensor, seed: int) -> Tensor:
     from ..augment import dsa
 
     return dsa(x, seed=seed)
+
+
+def _expert_plan(config: MTTConfig, dataset: Dataset) -> ExpertPlan:
+    # The run's expert_epochs setting may ask for longer trajectories; this is the least MTT can use.
+    return ExpertPlan(epochs=config.max_start_epoch + config.expert_epochs, model_kwargs=config.model_kwargs(dataset))
+
+
+SPEC = MethodSpec(name="mtt", config_class=MTTConfig, build=MTT, expert_plan=_expert_plan, learns_step_size=True,
+                  preset_prefix="mtt", aliases={"mim4dd": "mtt+mim"},
+                  summary="trajectory matching (Cazenavette et al., CVPR 2022); mim4dd = mtt+mim (the paper)")

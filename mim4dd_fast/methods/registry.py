@@ -1,11 +1,13 @@
-"""Method names -> configured method objects: "dc", "dm", "mtt", each optionally "+mim".
+"""Method names -> specs -> configured method objects.
 
-``build_method`` is the one place that turns a name and plain settings dicts (from TOML or the
-CLI) into a ``DistillMethod``; "mim4dd" is the paper's method, an alias of "mtt+mim".
+``METHODS`` maps each base method's name to its ``MethodSpec``; ``"<base>+mim"`` attaches the MIM4DD
+term to any of them, and specs may declare aliases ("mim4dd" = "mtt+mim", the paper's method).
+``build_method`` is the one place that turns a name and settings into a ``DistillMethod``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,33 +16,64 @@ from ..config import from_mapping
 from ..data import Dataset
 from ..distributed import SINGLE, Dist
 from ..errors import ConfigError
-from ..models import build_model
+from . import dc, dm, mtt
 from .base import DistillMethod
-from .dc import DC, DCConfig
-from .dm import DM, DMConfig
+from .spec import MethodSpec
 
-METHOD_NAMES = ["dc", "dm", "mtt", "dc+mim", "dm+mim", "mtt+mim", "mim4dd"]
-ALIASES = {"mim4dd": "mtt+mim"}
+TERM = "mim"  # the auxiliary term "<base>+mim" attaches
+
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (dc.SPEC, dm.SPEC, mtt.SPEC)}
+
+
+def register(spec: MethodSpec) -> None:
+    """Add a method (a plug-in or a test's toy); its name and aliases must be new."""
+    taken = set(METHODS) | {a for s in METHODS.values() for a in s.aliases}
+    for name in (spec.name, *spec.aliases):
+        if name in taken or "+" in name:
+            raise ConfigError(f"Method name {name!r} is taken or contains '+'.")
+    METHODS[spec.name] = spec
+
+
+def unregister(name: str) -> None:
+    METHODS.pop(name, None)
+
+
+def method_names() -> list[str]:
+    """Every valid name: the bases, each with the term, then the aliases."""
+    bases = list(METHODS)
+    return bases + [f"{b}+{TERM}" for b in bases] + [a for s in METHODS.values() for a in s.aliases]
+
+
+@dataclass(frozen=True)
+class MethodChoice:
+    """A resolved method name: the base's spec and whether the MIM term is attached."""
+
+    spec: MethodSpec
+    with_term: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.name}+{TERM}" if self.with_term else self.spec.name
+
+
+def resolve(name: str) -> MethodChoice:
+    """Lower-cased, alias-resolved method; ConfigError listing the valid names otherwise."""
+    key = str(name).strip().lower().replace(" ", "")
+    for spec in METHODS.values():
+        key = spec.aliases.get(key, key)
+    base, plus, extra = key.partition("+")
+    if base not in METHODS or (plus and extra != TERM):
+        raise ConfigError(f"Unknown method {name!r}; choose one of {', '.join(method_names())}.")
+    return MethodChoice(METHODS[base], bool(plus))
 
 
 def canonical_name(name: str) -> str:
-    """Lower-cased, alias-resolved method name; ConfigError listing the valid names otherwise."""
-    key = str(name).strip().lower().replace(" ", "")
-    if key not in METHOD_NAMES:
-        raise ConfigError(f"Unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)}.")
-    return ALIASES.get(key, key)
+    return resolve(name).name
 
 
 def config_class(name: str) -> type:
-    """The settings dataclass of the method's base (DCConfig, DMConfig or MTTConfig)."""
-    base = canonical_name(name).split("+")[0]
-    if base == "dc":
-        return DCConfig
-    if base == "dm":
-        return DMConfig
-    from .mtt import MTTConfig  # imported on use: MTT pulls in the expert machinery
-
-    return MTTConfig
+    """The settings dataclass of the method's base."""
+    return resolve(name).spec.config_class
 
 
 def build_method(
@@ -48,38 +81,35 @@ def build_method(
     dataset: Dataset,
     ipc: int,
     *,
-    config: dict[str, Any] | None = None,
-    mim: dict[str, Any] | None = None,
+    config: Any = None,
+    mim: Any = None,
     experts=None,
     device: str | torch.device = "cpu",
     seed: int = 0,
     init: str = "real",
     dist: Dist = SINGLE,
 ) -> DistillMethod:
-    """Build method ``name`` on ``dataset``; ``config`` holds the base's settings, ``mim`` the term's."""
-    canon = canonical_name(name)
-    base, _, extra = canon.partition("+")
-    cfg = from_mapping(config_class(base), config, what=f"{base.upper()} settings")
-    if base == "mtt" and (experts is None or len(experts) == 0):
-        raise ConfigError("Method 'mtt' needs expert trajectories; train them with `mim4dd-fast experts` first.")
-    term = None
-    if extra == "mim":
-        from .mim import MIMConfig, MIMTerm
+    """Build method ``name`` on ``dataset``; ``config`` holds the base's settings, ``mim`` the term's
+    (typed configs, or plain mappings validated here)."""
+    from .mim import MIMConfig, MIMTerm
 
-        with torch.random.fork_rng(devices=[]):  # the template's random init must not shift anyone's RNG
-            template = build_model(dataset.channels, dataset.num_classes, dataset.image_size,
-                                   width=getattr(cfg, "width", 128), depth=getattr(cfg, "depth", None))
-        term = MIMTerm(from_mapping(MIMConfig, mim, what="MIM settings"), template, dataset.num_classes, device)
-        check = getattr(term, "check_dataset", None)
-        if callable(check):
-            check(dataset)
-    elif mim:
-        raise ConfigError(f"MIM settings were given but method {canon!r} has no MIM term; use '{base}+mim'.")
-    if base == "dc":
-        return DC(dataset, ipc, cfg, init=init, device=device, seed=seed, term=term, dist=dist)
-    if base == "dm":
-        return DM(dataset, ipc, cfg, init=init, device=device, seed=seed, term=term, dist=dist)
-    from .mtt import MTT
-
-    return MTT(dataset, ipc, config=cfg, experts=list(experts), device=device, seed=seed, init=init, term=term,
-               dist=dist)
+    choice = resolve(name)
+    spec = choice.spec
+    if not isinstance(config, spec.config_class):
+        config = from_mapping(spec.config_class, config, what=f"{spec.name} setting")
+    if mim is not None and not choice.with_term:
+        raise ConfigError(f"MIM settings were given but method {choice.name!r} has no MIM term; "
+                          f"use '{spec.name}+{TERM}'.")
+    kwargs: dict[str, Any] = {"init": init, "device": device, "seed": seed, "dist": dist}
+    if spec.needs_experts:
+        if not experts:
+            raise ConfigError(f"Method {spec.name!r} needs expert trajectories; train them with "
+                              "`mim4dd-fast experts` first.")
+        kwargs["experts"] = list(experts)
+    method = spec.build(dataset, ipc, config, **kwargs)
+    if choice.with_term:
+        if not isinstance(mim, MIMConfig):
+            mim = from_mapping(MIMConfig, mim, what="mim setting")
+        method.term = MIMTerm(mim, method.network_template(), dataset.num_classes, device, dist=dist, seed=seed)
+        method.term.check_dataset(dataset)
+    return method

@@ -14,6 +14,7 @@ from mim4dd_fast.data import load_dataset
 from mim4dd_fast.distributed import SINGLE, Dist, init_from_env, shutdown  # noqa: F401 (SINGLE: the tests)
 from mim4dd_fast.methods.mtt import MTTConfig, unroll_checkpointed
 from mim4dd_fast.methods.registry import build_method  # noqa: F401 (tests use it too)
+from mim4dd_fast.methods.shard import Shard
 from mim4dd_fast.models import build_model, flatten_params
 
 WIDTH = 8
@@ -55,7 +56,7 @@ def run_cases(dist: Dist) -> dict[str, torch.Tensor]:
     mtt = _method("mtt", dataset, experts, dist)
     traj = experts[0]
     loss, g_img, g_lr = unroll_checkpointed(mtt.model, traj[0], traj[1], mtt.images, mtt.labels, mtt.syn_lr,
-                                            mtt._plan(), dist=dist)
+                                            mtt._plan(), shard=Shard(dist))
     out.update({"unroll/loss": loss, "unroll/g_img": g_img, "unroll/g_lr": g_lr})
     # two full iterations of each method: the images (and MTT's step size, the MIM heads) afterwards
     for name in ("mtt", "mtt+mim", "dc", "dm+mim", "dc+mim"):

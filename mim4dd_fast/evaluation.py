@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .augment import dsa as dsa_augment
-from .config import require
+from .config import Validated, require
 from .data import Dataset
 from .distributed import SINGLE, Dist
 from .errors import DataError
@@ -29,7 +29,7 @@ TEST_BATCH = 1024  # images per no_grad forward at test time (memory only; resul
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Validated):
     """How each evaluation net is trained (the originals' protocol; see docs/method.md).
 
     ``epochs`` defaults to 100, not the originals' 300 (DC) / 1000 (MTT, DM): on the embedded digits
@@ -164,7 +164,6 @@ def train_and_test(
     lr: float | None = None,
 ) -> float:
     """Test accuracy (fraction) of one fresh net trained on (x_syn, y_syn); ``lr`` overrides ``cfg.lr``."""
-    cfg.validate()
     _check_train_set(x_syn, y_syn, dataset)
     net = train_net(x_syn, y_syn, dataset, cfg, seed=seed, device=device, lr=lr)
     return split_accuracy(net, dataset, device)
@@ -194,7 +193,6 @@ def evaluate_synthetic(
     list is the one-process list.
     """
     cfg = cfg or EvalConfig()
-    cfg.validate()
     _check_train_set(x_syn, y_syn, dataset)
     mine = []
     for i in dist.owned(range(cfg.n_nets)):
@@ -229,7 +227,6 @@ def random_baseline(
     A fresh subset per net makes the std cover the choice of subset as well as the net's initialisation.
     """
     cfg = cfg or EvalConfig()
-    cfg.validate()
     dataset.class_index.check_ipc(ipc)
     accs = []
     for i in range(cfg.n_nets):

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import mim4dd_fast.evaluate as ev
+import mim4dd_fast.evaluation as ev
 from mim4dd_fast.config import from_mapping
 from mim4dd_fast.data import load_dataset
 from mim4dd_fast.errors import ConfigError, DataError
-from mim4dd_fast.evaluate import (
+from mim4dd_fast.evaluation import (
     EvalConfig,
     epoch_lr,
     evaluate_synthetic,
