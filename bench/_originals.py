@@ -40,6 +40,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import _common  # noqa: F401  (puts this checkout on sys.path when run without installing)
+
 from mim4dd_fast.errors import UserError
 
 # Which original each flag names, and the files of it we import.

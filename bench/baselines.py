@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _originals  # noqa: E402
 from _common import ArgError, Parser, mib, random_dataset, random_experts  # noqa: E402
 
 MiB, GiB = 2**20, 2**30
@@ -108,8 +109,8 @@ def _mtt_rows() -> list[Row]:
             # max_start_epoch 2 keeps the random trajectories short; it does not change the cost.
             cfg = {"syn_steps": steps, "batch_syn": None, "dsa": True, "unroll": unroll, "max_start_epoch": 2,
                    "expert_epochs": 2}
-            rows.append(Row(f"mtt{ipc}_s{steps}_{short}", "mtt", ipc, f"{steps} steps x all {10 * ipc} images, {unroll}",
-                            f"mtt{ipc}_s{steps}", cfg))
+            label = f"{steps} steps x all {10 * ipc} images, {unroll}"
+            rows.append(Row(f"mtt{ipc}_s{steps}_{short}", "mtt", ipc, label, f"mtt{ipc}_s{steps}", cfg))
     return rows
 
 
@@ -246,7 +247,8 @@ class OriginalMTT:
         self.criterion = nn.CrossEntropyLoss()
         # The buffer: each epoch a list of parameter tensors shaped like the student's (random values).
         shapes_ = [p.shape for p in _original_net(orig, shapes, self.num_classes, self.channel).parameters()]
-        self.buffer = [[[t.view(s).clone() for t, s in zip(epoch.split([s.numel() for s in shapes_]), shapes_)]
+        sizes = [s.numel() for s in shapes_]
+        self.buffer = [[[t.view(s).clone() for t, s in zip(epoch.split(sizes), shapes_, strict=True)]
                         for epoch in traj] for traj in experts]
 
     def step(self) -> None:
@@ -316,7 +318,7 @@ class _OriginalDCBase:
                           batch_real=config["batch_real"], batch_train=256, lr_img=self.lr_img, lr_net=0.01,
                           outer_loop=outer, inner_loop=inner, device="cpu", dc_aug_param=None)
         self.data = _OriginalData(dataset)
-        self.label_syn = torch.tensor([np.ones(ipc) * i for i in range(self.num_classes)], dtype=torch.long,
+        self.label_syn = torch.tensor(np.array([np.ones(ipc) * i for i in range(self.num_classes)]), dtype=torch.long,
                                       requires_grad=False).view(-1)
         self.image_syn = torch.randn(size=(self.num_classes * ipc, self.channel, *self.im_size), dtype=torch.float,
                                      requires_grad=True)
@@ -413,8 +415,6 @@ def build_original(row: Row, shapes: Shapes, repo: str, seed: int = 0):
     """Import the checkout, make the data (same shapes as ours), then a function that builds their iteration."""
     import numpy as np
     import torch
-
-    import _originals
 
     orig = _originals.load(repo, row.repo_kind)
     dataset = random_dataset(n_per_class=shapes.n_per_class, size=shapes.image_size, seed=seed)
@@ -666,8 +666,6 @@ def build_parser() -> Parser:
 
 def parse(argv: list[str] | None):
     """Parsed and checked flags: FlagError (one sentence, exit 2) on anything bad, before any work starts."""
-    import _originals
-
     args = build_parser().parse_args(argv)
     for flag in ("repeats", "rounds", "threads"):
         if getattr(args, flag) < 1:
@@ -730,7 +728,7 @@ def _main(argv: list[str] | None) -> int:
         res = run_worker(row, side, args)
         measured.setdefault(key, []).append(res)
         status = f"[red]failed: {res['error']}[/red]" if "error" in res else f"{res['s_per_iter_median']:.3f} s/iter"
-        console.print(f"    {status} ({res['wall_seconds']:.0f} s)")
+        console.print(f"    {status} ({res.get('wall_seconds', 0):.0f} s)")
 
     results = []
     for row in rows:
@@ -757,8 +755,6 @@ def _main(argv: list[str] | None) -> int:
     if args.json:
         from mim4dd_fast.io import atomic_write_json
         from mim4dd_fast.profiling import environment
-
-        import _originals
 
         originals = {kind: {"repository": _originals.REPOSITORIES[kind], "path": path,
                             "commit": _originals.git_commit(Path(path))}
