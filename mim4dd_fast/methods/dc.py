@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import require
+from ..models import chunks
 from .base import ConvNetSettings
 from .fresh_net import FreshNetMethod
 from .spec import MethodSpec
@@ -86,6 +87,18 @@ class DCConfig(ConvNetSettings):
     def loops(self, ipc: int) -> tuple[int, int]:
         outer, inner = default_loops(ipc)
         return (self.outer_loop or outer, inner if self.inner_loop is None else self.inner_loop)
+
+
+def mean_ce_grad(net: nn.Module, params: list[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
+    """d mean cross-entropy(net(x), y) / d params, in cache-sized chunks (``models.chunks``) with one chunk's
+    graph alive at a time: the sum of the chunks' gradients of the summed loss, divided by the batch size."""
+    total: list[Tensor] | None = None
+    for a, b in chunks(net, x):
+        loss = F.cross_entropy(net(x[a:b]), y[a:b], reduction="sum") / x.shape[0]
+        grads = torch.autograd.grad(loss, params)
+        total = list(grads) if total is None else [t.add_(g) for t, g in zip(total, grads, strict=True)]
+    assert total is not None
+    return total
 
 
 def _layer_distance(gws: Tensor, gwr: Tensor) -> Tensor:
@@ -169,7 +182,7 @@ class DC(FreshNetMethod):
             x_syn = self.images[c * ipc : (c + 1) * ipc]
             if seed is not None:
                 x_real, x_syn = self._dsa(x_real, seed=seed), self._dsa(x_syn, seed=seed)
-            gw_real = torch.autograd.grad(F.cross_entropy(net(x_real), y_real), params)
+            gw_real = mean_ce_grad(net, params, x_real, y_real)
             y_syn = self.labels[c * ipc : (c + 1) * ipc]
             gw_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), params, create_graph=True)
             dist = match_distance(gw_syn, [g.detach() for g in gw_real], cfg.dis_metric, cfg.include_1d)
@@ -189,9 +202,10 @@ class DC(FreshNetMethod):
                 xb = x_all[idx]
                 if self._dsa is not None:
                     xb = self._dsa(xb, generator=self.generator)  # per-image parameters, as the original
-                loss = F.cross_entropy(net(xb), y_all[idx])
                 net_opt.zero_grad(set_to_none=True)
-                loss.backward()
+                yb = y_all[idx]
+                for a, b in chunks(net, xb):  # chunk gradients of the summed loss add up to the mean's
+                    (F.cross_entropy(net(xb[a:b]), yb[a:b], reduction="sum") / xb.shape[0]).backward()
                 net_opt.step()
 
 

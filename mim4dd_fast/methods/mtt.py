@@ -22,7 +22,8 @@ The gradient flows back through the whole unroll. Two exact ways to get it:
       a_k     = a_{k+1} - lr * (dg_k/dtheta_k)^T a_{k+1}        (a vector-Hessian product)
 
   Only one step's graph is alive at a time, so activation memory is flat in syn_steps (the last
-  step's graph is kept from the forward pass rather than recomputed). This is the exact gradient
+  step's graph is kept from the forward pass rather than recomputed); a recomputed step is walked in
+  cache-sized chunks of its minibatch (``models.chunks``), one chunk's graph alive at a time. This is the exact gradient
   (equal to ``full`` up to rounding), not TESLA's approximation.
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -43,7 +45,7 @@ from ..data import Dataset
 from ..distributed import SINGLE, Dist
 from ..errors import ConfigError, NonFiniteError
 from ..experts import epochs_needed
-from ..models import build_model, functional_forward
+from ..models import build_model, chunks, functional_forward
 from .base import AuxTerm, ConvNetSettings, DistillMethod
 from .shard import Part, Shard
 from .spec import ExpertPlan, MethodSpec
@@ -100,24 +102,40 @@ def augment_step(x: Tensor, seed: int | None, rows: Tensor | None = None, full_b
     return dsa(x, generator=torch.Generator().manual_seed(int(seed)), rows=rows, full_batch=full_batch)
 
 
-def _step_grad(model: nn.Module, theta: Tensor, images: Tensor, labels: Tensor, batch: Batch,
-               create_graph: bool, part: Part | None = None) -> Tensor:
-    """g_k = d CE(student(theta; aug(X[idx])), y[idx]) / d theta.
+def _chunk_losses(model: nn.Module, theta: Tensor, images: Tensor, labels: Tensor, batch: Batch,
+                  part: Part | None = None) -> Iterator[Tensor]:
+    """Step k's loss CE(student(theta; aug(X[idx])), y[idx]) in parts that sum to it, one at a time.
 
-    With ``part``, only that share of the minibatch contributes, scaled by 1 / (full minibatch size):
-    the ranks' parts sum to the full g_k (cross-entropy is a mean over independent samples).
+    The parts are cache-sized chunks of the minibatch (``models.chunks``; one chunk for a small
+    minibatch or on GPU), each its summed cross-entropy divided by the full minibatch size, augmented
+    exactly as inside the full minibatch. With ``part`` (data parallel), only that share of the minibatch
+    is chunked; the ranks' parts sum to the full loss.
     """
     idx, seed = batch
-    if part is None:
-        x = augment_step(images[idx], seed)
-        loss = F.cross_entropy(functional_forward(model, theta, x), labels[idx])
-    else:
-        start, stop = part
-        sub = idx[start:stop]
-        rows = torch.arange(start, stop)
-        x = augment_step(images[sub], seed, rows=rows, full_batch=idx.numel())
-        loss = F.cross_entropy(functional_forward(model, theta, x), labels[sub], reduction="sum") / idx.numel()
-    return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+    n = idx.numel()
+    start, stop = part if part is not None else (0, n)
+    sub = idx[start:stop]
+    for a, b in chunks(model, images, rows=stop - start):
+        x = images[sub[a:b]]  # indexed per chunk: no graph node shared by the chunks
+        if part is None and (a, b) == (0, n):
+            x = augment_step(x, seed)
+        else:
+            x = augment_step(x, seed, rows=torch.arange(start + a, start + b), full_batch=n)
+        yield F.cross_entropy(functional_forward(model, theta, x), labels[sub[a:b]], reduction="sum") / n
+
+
+def _step_grad(model: nn.Module, theta: Tensor, images: Tensor, labels: Tensor, batch: Batch,
+               create_graph: bool, part: Part | None = None) -> Tensor:
+    """g_k = d CE(student(theta; aug(X[idx])), y[idx]) / d theta, summed over ``_chunk_losses``.
+
+    With ``part``, only that share of the minibatch contributes (the ranks' g_k parts sum to g_k).
+    """
+    g: Tensor | None = None
+    for loss in _chunk_losses(model, theta, images, labels, batch, part):
+        gc = torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+        g = gc if g is None else (g + gc if create_graph else g.add_(gc))
+    assert g is not None
+    return g
 
 
 def match_loss(theta_n: Tensor, start: Tensor, target: Tensor) -> Tensor:
@@ -176,14 +194,24 @@ def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images:
         g_img = torch.zeros_like(x)
         g_lr = torch.zeros((), dtype=lr.dtype, device=lr.device)
         for k in range(n - 1, -1, -1):  # backward: one step at a time, newest first
-            if k < n - 1:  # recompute step k with its graph
+            if k == n - 1:  # the last step's graph is still alive
+                g_lr -= torch.dot(adj, g.detach())
+                h_theta, h_x = torch.autograd.grad(g, [theta, x], grad_outputs=adj)
+                g = None
+            else:  # recompute step k chunk by chunk: one chunk's graph alive at a time
                 theta = thetas[k].detach().requires_grad_(True)
-                g = _step_grad(model, theta, x, labels, batches[k], create_graph=True, part=parts[k])
-            g_lr -= torch.dot(adj, g.detach())
-            h_theta, h_x = torch.autograd.grad(g, [theta, x], grad_outputs=adj)
+                h_theta = torch.zeros_like(adj)
+                h_x = torch.zeros_like(x)
+                for part_loss in _chunk_losses(model, theta, x, labels, batches[k], parts[k]):
+                    gc = torch.autograd.grad(part_loss, theta, create_graph=True)[0]
+                    g_lr -= torch.dot(adj, gc.detach())
+                    ht, hx = torch.autograd.grad(gc, [theta, x], grad_outputs=adj)
+                    h_theta += ht
+                    h_x += hx
+                    gc = ht = hx = None
             g_img -= lr * h_x
             adj = adj - lr * shard.sum(h_theta, "the unroll's adjoint sum")
-            g = h_theta = h_x = None
+            h_theta = h_x = None
     if shard.enabled:  # the image and step-size gradients: one all-reduce for both
         flat = shard.sum(torch.cat([g_img.reshape(-1), g_lr.reshape(1)]), "the image gradient sum")
         g_img, g_lr = flat[:-1].view_as(g_img), flat[-1]
