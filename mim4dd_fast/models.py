@@ -139,19 +139,20 @@ def functional_forward(model: nn.Module, flat: Tensor, x: Tensor) -> Tensor:
 CHUNK_BYTES = 4 * 2**20
 
 
-def chunks(model: nn.Module, x: Tensor, rows: int | None = None, budget: int = CHUNK_BYTES) -> list[tuple[int, int]]:
+def chunks(model: nn.Module, x: Tensor, rows: int | None = None, budget: int | None = None) -> list[tuple[int, int]]:
     """[start, stop) rows of a batch like ``x`` (``rows`` images, default all of x) to run at a time: near-equal
-    chunks whose largest activation fits ``budget``.
+    chunks whose largest activation is about ``budget`` (at least it, under twice it).
 
     One chunk (the whole batch) on accelerators, where big batches are what is fast, and for models that
-    do not declare ``activation_numel``.
+    do not declare ``activation_numel``. ``budget`` defaults to ``CHUNK_BYTES`` (read at call time).
     """
     n = x.shape[0] if rows is None else rows
+    budget = CHUNK_BYTES if budget is None else budget
     per_image = getattr(model, "activation_numel", None)
     if x.device.type != "cpu" or per_image is None or n <= 1:
         return [(0, n)]
     most = max(1, budget // (per_image() * x.element_size()))
-    k = math.ceil(n / most)
+    k = max(1, n // most)  # chunks of most to 2*most - 1 images: a batch under twice the budget stays whole
     bounds = [round(i * n / k) for i in range(k + 1)]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
