@@ -26,7 +26,8 @@ interleaved: round 1 runs the original then ours, round 2 ours then the original
   1. data, experts and imports are set up, then the RSS is read (the baseline);
   2. the method is built; iteration 1 runs under FlopCounterMode (GFLOP/iteration; also the warm-up),
      iteration 2 under saved_tensors_hooks (bytes saved for backward, the most held at once), then
-     ``--repeats`` timed iterations (median s/iteration);
+     ``--repeats`` timed iterations (median wall s/iteration, and median process CPU s/iteration: the
+     CPU time of all threads, which a busy machine inflates far less than the wall time);
   3. peak RSS rise = the process peak over 2-3 minus the baseline.
 A row's figure per side is the median over rounds (seconds: median of the per-round medians, with
 the range); "ours/orig" divides ours by the original's measured in this run.
@@ -459,15 +460,18 @@ def measure(make, repeats: int = 3) -> dict[str, Any]:
         _, flops = measure_flops(step)  # iteration 1: FLOPs, and the warm-up
         with SavedTensorBytes() as saved:  # iteration 2: bytes saved for backward
             step()
-        times = []
+        times, cpu = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     return {
         **info,
         "s_per_iter_median": statistics.median(times),
         "s_per_iter_all": times,
+        "cpu_s_per_iter_median": statistics.median(cpu),
+        "cpu_s_per_iter_all": cpu,
         "saved_peak_bytes": saved.peak,
         "saved_total_bytes": saved.total,
         "rss_rise_bytes": max(0, peak.peak - rss0),
@@ -492,8 +496,8 @@ def measure_row(row: Row, shapes: Shapes = Shapes(), repeats: int = 3, seed: int
 
 # -- summaries ---------------------------------------------------------------------------------------
 
-FIGURES = (("s_per_iter", "s_per_iter_median"), ("saved_for_backward", "saved_peak_bytes"),
-           ("peak_rss_rise", "rss_rise_bytes"), ("gflop", "gflop_per_iter"))
+FIGURES = (("s_per_iter", "s_per_iter_median"), ("cpu_s_per_iter", "cpu_s_per_iter_median"),
+           ("saved_for_backward", "saved_peak_bytes"), ("peak_rss_rise", "rss_rise_bytes"), ("gflop", "gflop_per_iter"))
 
 
 def summarize(measurements: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -503,10 +507,12 @@ def summarize(measurements: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {"rounds": len(ok)}
     for name, key in FIGURES:
-        values = [m[key] for m in ok]
+        values = [m[key] for m in ok if key in m]
+        if not values:
+            continue
         out[name] = statistics.median(values)
-        if name == "s_per_iter":
-            out["s_per_iter_range"] = [min(values), max(values)]
+        if name in ("s_per_iter", "cpu_s_per_iter"):
+            out[f"{name}_range"] = [min(values), max(values)]
     return out
 
 
@@ -611,9 +617,9 @@ def _fmt_figure(name: str, s: dict[str, Any] | None) -> str:
     if s is None:
         return "failed"
     v = s.get(name)
-    if name == "s_per_iter":
+    if name in ("s_per_iter", "cpu_s_per_iter"):
         text = _fmt_s(v)
-        lo, hi = s.get("s_per_iter_range", (v, v))
+        lo, hi = s.get(f"{name}_range", (v, v))
         return text if lo == hi else f"{text} ({_fmt_s(lo)}-{_fmt_s(hi)})"
     if name == "gflop":
         return _fmt_gflop(v)
@@ -629,7 +635,8 @@ def table(results: list[dict[str, Any]], shapes: Shapes, threads: int, rounds: i
     for col, just in (("row", "left"), ("setting", "left"), ("figure", "left"), ("ours", "right"),
                       ("original", "right"), ("ours/orig", "right")):
         t.add_column(col, justify=just, no_wrap=col != "setting")
-    names = {"s_per_iter": "s / iteration", "saved_for_backward": "saved for backward",
+    names = {"s_per_iter": "s / iteration", "cpu_s_per_iter": "CPU s / iteration",
+             "saved_for_backward": "saved for backward",
              "peak_rss_rise": "peak RSS rise", "gflop": "GFLOP / iteration"}
     for res in results:
         row = ROWS[res["row"]]
@@ -639,7 +646,7 @@ def table(results: list[dict[str, Any]], shapes: Shapes, threads: int, rounds: i
         for i, (name, _) in enumerate(FIGURES):
             ratio = res["ours_over_original"].get(name, math.nan)
             orig_text = _fmt_figure(name, orig) + (" (other machine)" if other and i == 0 else "")
-            if other and name == "s_per_iter":
+            if other and name in ("s_per_iter", "cpu_s_per_iter"):
                 ratio = math.nan  # seconds from another machine are not comparable
             t.add_row(*(head if i == 0 else ["", ""]), names[name], _fmt_figure(name, ours), orig_text,
                       _fmt_ratio(ratio), end_section=i == len(FIGURES) - 1)
@@ -741,7 +748,7 @@ def _main(argv: list[str] | None) -> int:
         ours_summary = summarize(ours)
         rat = ratios(ours_summary or {}, orig or {})
         if orig is not None and orig.get("source") == "other machine":
-            rat["s_per_iter"] = math.nan
+            rat["s_per_iter"] = rat["cpu_s_per_iter"] = math.nan
         results.append({"row": row.name, "setting": row.setting, "method": row.method, "ipc": row.ipc,
                         "label": row.label, "ours": ours, "original": original_runs, "ours_summary": ours_summary,
                         "original_summary": orig, "ours_over_original": rat})
