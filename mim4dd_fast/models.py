@@ -158,12 +158,22 @@ def chunks(model: nn.Module, x: Tensor, rows: int | None = None, budget: int | N
 
 
 def embed_no_grad(model: nn.Module, x: Tensor) -> Tensor:
-    """``model.embed(x)`` without a graph, chunk by chunk, channels-last on CPU (where oneDNN convolutions and the
-    norm run faster on it; measured). Same function as ``model.embed``, rounded differently."""
-    cl = x.device.type == "cpu" and x.dim() == 4
+    """``model.embed(x)`` without a graph, chunk by chunk: the same function, rounded differently, faster on CPU.
+
+    On CPU a ConvNet's blocks whose input is at least 32x32 run channels-last (oneDNN's convolution gains
+    there) and the smaller ones in the plain layout (torch's channels-last group norm is several times slower
+    than the plain one on 16x16 and smaller maps, most of all in bfloat16; measured, docs/benchmarks.md).
+    """
+    blocks = getattr(model, "blocks", None) if x.device.type == "cpu" and x.dim() == 4 else None
     with torch.no_grad():
         outs = []
         for a, b in chunks(model, x):
-            xc = x[a:b].contiguous(memory_format=torch.channels_last) if cl else x[a:b]
-            outs.append(model.embed(xc))
+            if blocks is None:
+                outs.append(model.embed(x[a:b]))
+                continue
+            h = x[a:b]
+            for block in blocks:
+                layout = torch.channels_last if min(h.shape[-2:]) >= 32 else torch.contiguous_format
+                h = block(h.contiguous(memory_format=layout))
+            outs.append(h.flatten(1))
         return torch.cat(outs) if len(outs) > 1 else outs[0]

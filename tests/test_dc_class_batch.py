@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def digits64(digits):
     """The digits set in float64, so the two paths can be compared to rounding."""
-    return dataclasses.replace(digits, x_train=digits.x_train.double(), x_test=digits.x_test.double())
+    return dataclasses.replace(digits, x_train=digits.x_train.double(), x_test=digits.x_test.double(), _index=None)
 
 
 def _match(dataset, ipc, class_batch, dsa, metric):

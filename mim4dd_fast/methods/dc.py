@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from ..config import require
 from ..models import chunks
+from ..precision import autocast
+from ..precision import check as check_precision
 from .base import ConvNetSettings
 from .fresh_net import FreshNetMethod
 from .spec import MethodSpec
@@ -68,8 +70,10 @@ class DCConfig(ConvNetSettings):
     class_batch: bool = False
     width: int = 128
     depth: int | None = None  # None: models.default_depth(image_size)
+    precision: str = "fp32"  # "bf16": the real-side gradient under bfloat16 autocast (mim4dd_fast.precision)
 
     def validate(self) -> None:
+        check_precision(self.precision, "DC")
         require(self.outer_loop is None or _is_int(self.outer_loop, 1),
                 f"DC outer_loop must be at least 1 (or unset for the IPC table), got {self.outer_loop!r}.")
         require(self.inner_loop is None or _is_int(self.inner_loop, 0),
@@ -92,12 +96,15 @@ class DCConfig(ConvNetSettings):
         return (self.outer_loop or outer, inner if self.inner_loop is None else self.inner_loop)
 
 
-def mean_ce_grad(net: nn.Module, params: list[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
+def mean_ce_grad(net: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, precision: str = "fp32") -> list[Tensor]:
     """d mean cross-entropy(net(x), y) / d params, in cache-sized chunks (``models.chunks``) with one chunk's
-    graph alive at a time: the sum of the chunks' gradients of the summed loss, divided by the batch size."""
+    graph alive at a time: the sum of the chunks' gradients of the summed loss, divided by the batch size.
+    "bf16": each chunk's forward under bfloat16 autocast (loss and gradients float32)."""
     total: list[Tensor] | None = None
     for a, b in chunks(net, x):
-        loss = F.cross_entropy(net(x[a:b]), y[a:b], reduction="sum") / x.shape[0]
+        with autocast(precision, x.device):
+            loss = F.cross_entropy(net(x[a:b]), y[a:b], reduction="sum")
+        loss = loss / x.shape[0]  # cross-entropy is float32 under autocast
         grads = torch.autograd.grad(loss, params)
         total = list(grads) if total is None else [t.add_(g) for t, g in zip(total, grads, strict=True)]
     assert total is not None
@@ -205,7 +212,7 @@ class DC(FreshNetMethod):
             x_syn = self.images[c * ipc : (c + 1) * ipc]
             if seed is not None:
                 x_real, x_syn = self._dsa(x_real, seed=seed), self._dsa(x_syn, seed=seed)
-            gw_real = mean_ce_grad(net, params, x_real, y_real)
+            gw_real = mean_ce_grad(net, params, x_real, y_real, cfg.precision)
             y_syn = self.labels[c * ipc : (c + 1) * ipc]
             if cfg.class_batch:
                 batched.append((x_syn, y_syn, gw_real))

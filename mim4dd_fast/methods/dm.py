@@ -19,6 +19,8 @@ import torch
 
 from ..config import require
 from ..models import chunks, embed_no_grad
+from ..precision import autocast
+from ..precision import check as check_precision
 from .base import ConvNetSettings
 from .fresh_net import FreshNetMethod
 from .spec import MethodSpec
@@ -34,8 +36,10 @@ class DMConfig(ConvNetSettings):
     dsa: bool = True
     width: int = 128
     depth: int | None = None  # None: models.default_depth(image_size)
+    precision: str = "fp32"  # "bf16": the real-side forward under bfloat16 autocast (mim4dd_fast.precision)
 
     def validate(self) -> None:
+        check_precision(self.precision, "DM")
         def is_int(v: object, low: int) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
@@ -70,7 +74,9 @@ class DM(FreshNetMethod):
             x_syn = self.images[c * ipc : (c + 1) * ipc]
             if seed is not None:
                 x_real, x_syn = self._dsa(x_real, seed=seed), self._dsa(x_syn, seed=seed)
-            real_means.append(embed_no_grad(net, x_real).mean(0))
+            with autocast(cfg.precision, x_real.device):
+                real_embed = embed_no_grad(net, x_real)
+            real_means.append(real_embed.to(x_real.dtype).mean(0))  # the mean in the images' precision
             syn.append(x_syn)
         x_syn = torch.cat(syn)
         syn_means = torch.cat([net.embed(x_syn[a:b]) for a, b in chunks(net, x_syn)]).view(len(syn), ipc, -1).mean(1)

@@ -46,6 +46,8 @@ from ..distributed import SINGLE, Dist
 from ..errors import ConfigError, NonFiniteError
 from ..experts import epochs_needed
 from ..models import build_model, chunks, functional_forward
+from ..precision import autocast
+from ..precision import check as check_precision
 from .base import AuxTerm, ConvNetSettings, DistillMethod
 from .shard import Part, Shard
 from .spec import ExpertPlan, MethodSpec
@@ -69,8 +71,10 @@ class MTTConfig(ConvNetSettings):
     momentum: float = 0.5  # momentum of both outer optimizers
     width: int = 128  # ConvNet width (must match the experts)
     depth: int | None = None  # ConvNet depth; None = the dataset's default depth
+    precision: str = "fp32"  # "bf16": the student unroll under bfloat16 autocast (mim4dd_fast.precision)
 
     def validate(self) -> None:
+        check_precision(self.precision, "MTT")
         require(self.syn_steps >= 1, f"syn_steps must be at least 1, got {self.syn_steps}.")
         require(self.expert_epochs >= 1, f"expert_epochs must be at least 1, got {self.expert_epochs}.")
         require(self.max_start_epoch >= 1, f"max_start_epoch must be at least 1, got {self.max_start_epoch}.")
@@ -103,13 +107,14 @@ def augment_step(x: Tensor, seed: int | None, rows: Tensor | None = None, full_b
 
 
 def _chunk_losses(model: nn.Module, theta: Tensor, images: Tensor, labels: Tensor, batch: Batch,
-                  part: Part | None = None) -> Iterator[Tensor]:
+                  part: Part | None = None, precision: str = "fp32") -> Iterator[Tensor]:
     """Step k's loss CE(student(theta; aug(X[idx])), y[idx]) in parts that sum to it, one at a time.
 
     The parts are cache-sized chunks of the minibatch (``models.chunks``; one chunk for a small
     minibatch or on GPU), each its summed cross-entropy divided by the full minibatch size, augmented
     exactly as inside the full minibatch. With ``part`` (data parallel), only that share of the minibatch
-    is chunked; the ranks' parts sum to the full loss.
+    is chunked; the ranks' parts sum to the full loss. ``precision`` "bf16": the forward under bfloat16
+    autocast (the loss itself is float32, the backward passes follow the forward's dtypes).
     """
     idx, seed = batch
     n = idx.numel()
@@ -121,17 +126,19 @@ def _chunk_losses(model: nn.Module, theta: Tensor, images: Tensor, labels: Tenso
             x = augment_step(x, seed)
         else:
             x = augment_step(x, seed, rows=torch.arange(start + a, start + b), full_batch=n)
-        yield F.cross_entropy(functional_forward(model, theta, x), labels[sub[a:b]], reduction="sum") / n
+        with autocast(precision, x.device):
+            loss = F.cross_entropy(functional_forward(model, theta, x), labels[sub[a:b]], reduction="sum")
+        yield loss / n  # cross-entropy is float32 under autocast
 
 
 def _step_grad(model: nn.Module, theta: Tensor, images: Tensor, labels: Tensor, batch: Batch,
-               create_graph: bool, part: Part | None = None) -> Tensor:
+               create_graph: bool, part: Part | None = None, precision: str = "fp32") -> Tensor:
     """g_k = d CE(student(theta; aug(X[idx])), y[idx]) / d theta, summed over ``_chunk_losses``.
 
     With ``part``, only that share of the minibatch contributes (the ranks' g_k parts sum to g_k).
     """
     g: Tensor | None = None
-    for loss in _chunk_losses(model, theta, images, labels, batch, part):
+    for loss in _chunk_losses(model, theta, images, labels, batch, part, precision):
         gc = torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
         g = gc if g is None else (g + gc if create_graph else g.add_(gc))
     assert g is not None
@@ -144,7 +151,8 @@ def match_loss(theta_n: Tensor, start: Tensor, target: Tensor) -> Tensor:
 
 
 def unroll_full(model: nn.Module, start: Tensor, target: Tensor, images: Tensor, labels: Tensor,
-                syn_lr: Tensor, batches: list[Batch], shard: Shard | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                syn_lr: Tensor, batches: list[Batch], shard: Shard | None = None,
+                precision: str = "fp32") -> tuple[Tensor, Tensor, Tensor]:
     """The original: one graph over all steps. Returns (loss, dL/dimages, dL/dsyn_lr).
 
     One process only (``shard`` is accepted for a uniform signature; data-parallel MTT is checkpointed).
@@ -152,7 +160,8 @@ def unroll_full(model: nn.Module, start: Tensor, target: Tensor, images: Tensor,
     with torch.enable_grad():
         theta = start.detach().requires_grad_(True)
         for batch in batches:
-            theta = theta - syn_lr * _step_grad(model, theta, images, labels, batch, create_graph=True)
+            theta = theta - syn_lr * _step_grad(model, theta, images, labels, batch, create_graph=True,
+                                                precision=precision)
         loss = match_loss(theta, start, target)
         g_img, g_lr = torch.autograd.grad(loss, [images, syn_lr], allow_unused=True)
     g_img = torch.zeros_like(images) if g_img is None else g_img
@@ -161,7 +170,7 @@ def unroll_full(model: nn.Module, start: Tensor, target: Tensor, images: Tensor,
 
 
 def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images: Tensor, labels: Tensor,
-                        syn_lr: Tensor, batches: list[Batch], shard: Shard | None = None
+                        syn_lr: Tensor, batches: list[Batch], shard: Shard | None = None, precision: str = "fp32"
                         ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact gradient with one step's graph alive at a time (see the module docstring).
 
@@ -184,7 +193,7 @@ def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images:
         for k, batch in enumerate(batches):  # forward: store theta_k only
             theta = thetas[k].detach().requires_grad_(True)
             last = k == n - 1  # the last step keeps its graph: the backward pass starts with it
-            g = _step_grad(model, theta, x, labels, batch, create_graph=last, part=parts[k])
+            g = _step_grad(model, theta, x, labels, batch, create_graph=last, part=parts[k], precision=precision)
             theta_n = theta.detach() - lr * shard.sum(g.detach(), "the unroll's gradient sum")
             if not last:
                 thetas[k + 1] = theta_n
@@ -202,7 +211,7 @@ def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images:
                 theta = thetas[k].detach().requires_grad_(True)
                 h_theta = torch.zeros_like(adj)
                 h_x = torch.zeros_like(x)
-                for part_loss in _chunk_losses(model, theta, x, labels, batches[k], parts[k]):
+                for part_loss in _chunk_losses(model, theta, x, labels, batches[k], parts[k], precision):
                     gc = torch.autograd.grad(part_loss, theta, create_graph=True)[0]
                     g_lr -= torch.dot(adj, gc.detach())
                     ht, hx = torch.autograd.grad(gc, [theta, x], grad_outputs=adj)
@@ -341,7 +350,7 @@ class MTT(DistillMethod):
         start = traj[t].to(self.device, self.images.dtype)
         target = traj[t + cfg.expert_epochs].to(self.device, self.images.dtype)
         loss, g_img, g_lr = UNROLLS[cfg.unroll](self.model, start, target, self.images, self.labels, self.syn_lr,
-                                                self._plan(), shard=self.shard)
+                                                self._plan(), shard=self.shard, precision=cfg.precision)
         if not math.isfinite(float(loss)):
             raise self._diverged(self._good, "loss", blame_lr=not _finite(self.syn_lr.detach()))
         self.opt_img.zero_grad(set_to_none=True)
