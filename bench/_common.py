@@ -29,8 +29,9 @@ def random_dataset(name: str = "random-cifar10", *, n_per_class: int = 300, chan
     x = torch.randn(n, channels, size, size, generator=g)
     xt = torch.randn(classes * 10, channels, size, size, generator=g)
     yt = torch.arange(classes).repeat_interleave(10)
-    return Dataset(name=name, x_train=x, y_train=y, x_test=xt, y_test=yt, class_names=[str(i) for i in range(classes)],
-                   mean=(0.0,) * channels, std=(1.0,) * channels)
+    xv = torch.randn(classes * 10, channels, size, size, generator=g)
+    return Dataset(name=name, x_train=x, y_train=y, x_val=xv, y_val=yt.clone(), x_test=xt, y_test=yt,
+                   class_names=[str(i) for i in range(classes)], mean=(0.0,) * channels, std=(1.0,) * channels)
 
 
 def random_experts(dataset, plan, *, num: int = 1, seed: int = 0):

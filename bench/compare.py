@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,11 @@ def build_parser() -> Parser:
     p.add_argument("--ipc", type=int, default=None, help="default: the preset's, else 1")
     p.add_argument("--iterations", type=int, default=None, help="distillation iterations (default: preset)")
     p.add_argument("--evals", type=int, default=None, help="evaluation nets per method (default: preset or 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first distillation seed")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="distillation seeds per method (each a new distilled set): seed, seed+1, ...; accuracy is "
+                        "reported as mean and 95%% interval over them, and each method minus the first is paired "
+                        "on the same seeds")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--csv", default=None, help="write one CSV row per method here")
@@ -80,6 +85,8 @@ def parse_args(argv: list[str] | None):
         raise ConfigError(f"--ipc must be at least 1, got {args.ipc}.")
     if args.iterations is not None and args.iterations < 3:
         raise ConfigError(f"--iterations must be at least 3 (FLOPs, memory, then timed), got {args.iterations}.")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {args.seeds}.")
     if args.evals is not None and args.evals < 1:
         raise ConfigError(f"--evals must be at least 1, got {args.evals}.")
     if args.eval_epochs is not None and args.eval_epochs < 1:
@@ -132,55 +139,78 @@ def _label(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
-def run_method(name: str, preset: str | None, settings, dataset, device: str, args, progress,
-               baselines: dict) -> dict[str, Any]:
-    """Distil with ``name`` and measure it; returns one result object of the JSON schema."""
+def _distill_once(name: str, settings, dataset, device: str, args, progress, measure: bool):
+    """One distillation seed: (method, logs, timed seconds, FLOP report, memory report, expert seconds).
+    With ``measure``, iteration 1 runs under FlopCounterMode (also the warm-up) and iteration 2 under the
+    memory counters; every other iteration is timed."""
     import torch
 
     from mim4dd_fast import profiling
-    from mim4dd_fast.evaluation import evaluate_synthetic, random_baseline
     from mim4dd_fast.runner import build_run
 
     run = settings.run
-    spec = settings.choice.spec
     t_exp = time.perf_counter()
-    experts = None
-    if spec.needs_experts:
-        experts = _experts(settings, dataset, device, args, progress)
-    expert_seconds = time.perf_counter() - t_exp
-
+    experts = _experts(settings, dataset, device, args, progress) if settings.choice.spec.needs_experts else None
+    expert_seconds = time.perf_counter() - t_exp if experts is not None else None
     torch.manual_seed(run.seed)
     method = build_run(settings, dataset=dataset, device=device, experts=experts).method
-    task = progress.add_task(f"distill {name}", total=run.iterations)
-    t0 = time.perf_counter()
-    logs, flops = profiling.measure_flops(method.step)  # iteration 1: FLOPs (and warm-up)
-    progress.advance(task)
-    logs, mem = profiling.measure_memory(method.step, device)  # iteration 2: memory
-    progress.advance(task)
+    task = progress.add_task(f"distill {name}, seed {run.seed}", total=run.iterations)
+    flops = mem = None
+    logs: dict = {}
+    if measure:
+        logs, flops = profiling.measure_flops(method.step)
+        progress.advance(task)
+        logs, mem = profiling.measure_memory(method.step, device)
+        progress.advance(task)
     times: list[float] = []
-    for _ in range(run.iterations - 2):  # the rest: timed
+    for _ in range(run.iterations - (2 if measure else 0)):
         logs, dt = profiling.timed(method.step, device)
         times.append(dt)
         progress.advance(task)
-    total_seconds = time.perf_counter() - t0
     progress.update(task, visible=False)
-    stats = profiling.summarize_times(times)
+    return method, logs, times, flops, mem, expert_seconds
 
-    ecfg = dataclasses.replace(settings.eval, n_nets=run.evals)
-    etask = progress.add_task(f"evaluate {name}", total=ecfg.n_nets)
-    t_eval = time.perf_counter()
-    x, y = method.synthetic_set()
-    acc = evaluate_synthetic(x, y, dataset, ecfg, seed=run.seed, device=device, lr=method.learned_lr(),
-                             progress=lambda i, a: progress.advance(etask))
-    eval_seconds = time.perf_counter() - t_eval
-    progress.update(etask, visible=False)
-    key = (run.dataset, run.data_dir, run.image_size, run.zca, run.ipc, run.seed, repr(ecfg))
-    if key not in baselines:
-        btask = progress.add_task(f"random-real baseline, IPC {run.ipc}", total=ecfg.n_nets)
-        baselines[key] = random_baseline(dataset, run.ipc, ecfg, seed=run.seed, device=device,
-                                         progress=lambda i, a: progress.advance(btask))
-        progress.update(btask, visible=False)
-    base = baselines[key]
+
+def run_method(name: str, preset: str | None, settings, dataset, device: str, args, progress,
+               baselines: dict) -> dict[str, Any]:
+    """Distil with ``name`` on ``--seeds`` distillation seeds (each a new distilled set) and measure it;
+    returns one result object of the JSON schema. Costs come from every seed's timed iterations (FLOPs and
+    memory from the first seed); accuracy is the mean over each seed's evaluation nets, then mean and 95 %
+    interval over seeds. Evaluation nets never share a seed across distillation seeds."""
+    from mim4dd_fast import profiling
+    from mim4dd_fast.evaluation import evaluate_synthetic, random_baseline
+    from mim4dd_fast.stats import evaluation_seed, mean_ci
+
+    ecfg = dataclasses.replace(settings.eval, n_nets=settings.run.evals)
+    per_seed, times, expert_seconds, eval_seconds, total_seconds = [], [], [], 0.0, 0.0
+    flops = mem = logs = method = None
+    for k in range(args.seeds):
+        seeded = dataclasses.replace(settings, run=dataclasses.replace(settings.run, seed=settings.run.seed + k))
+        run = seeded.run
+        t0 = time.perf_counter()
+        method_k, logs_k, times_k, flops_k, mem_k, exp_s = _distill_once(name, seeded, dataset, device, args,
+                                                                          progress, measure=k == 0)
+        total_seconds += time.perf_counter() - t0
+        if k == 0:
+            method, logs, flops, mem = method_k, logs_k, flops_k, mem_k
+        times += times_k
+        if exp_s is not None:
+            expert_seconds.append(exp_s)
+        etask = progress.add_task(f"evaluate {name}, seed {run.seed}", total=ecfg.n_nets)
+        t_eval = time.perf_counter()
+        x, y = method_k.synthetic_set()
+        acc = evaluate_synthetic(x, y, dataset, ecfg, seed=evaluation_seed(run.seed, 0), device=device,
+                                 lr=method_k.learned_lr(), progress=lambda i, a, t=etask: progress.advance(t))
+        eval_seconds += time.perf_counter() - t_eval
+        progress.update(etask, visible=False)
+        key = (run.dataset, run.data_dir, run.image_size, run.zca, run.ipc, run.seed, repr(ecfg))
+        if key not in baselines:
+            btask = progress.add_task(f"random-real baseline, IPC {run.ipc}, seed {run.seed}", total=ecfg.n_nets)
+            baselines[key] = random_baseline(dataset, run.ipc, ecfg, seed=evaluation_seed(run.seed, 0),
+                                             device=device, progress=lambda i, a, t=btask: progress.advance(t))
+            progress.update(btask, visible=False)
+        per_seed.append((acc, baselines[key]))
+    stats = profiling.summarize_times(times)
 
     traces: list[str] = []
     if args.profile:
@@ -190,12 +220,17 @@ def run_method(name: str, preset: str | None, settings, dataset, device: str, ar
 
     mi = {k.split("/", 1)[1]: float(v) for k, v in logs.items() if k.startswith("mi_est/")}
     median = stats["median"]
+    seeds_acc = [a["mean"] for a, _ in per_seed]
+    seeds_base = [b["mean"] for _, b in per_seed]
+    acc_ci, base_ci = mean_ci(seeds_acc), mean_ci(seeds_base)
+    run = settings.run
     return {
         "method": name,
         "canonical_method": settings.choice.name,
         "dataset": run.dataset,
         "ipc": run.ipc,
         "iterations": run.iterations,
+        "seeds": [run.seed + k for k in range(args.seeds)],
         "timed_iterations": len(times),
         "sec_per_iter_median": median,
         "sec_per_iter_p90": stats["p90"],
@@ -209,16 +244,20 @@ def run_method(name: str, preset: str | None, settings, dataset, device: str, ar
         "peak_rss_delta_bytes": mem.rss_delta,
         "rss_method": mem.rss_method,
         "cuda_max_allocated_bytes": mem.cuda_peak,
-        "accuracy_mean": acc["mean"],
-        "accuracy_std": acc["std"],
-        "accuracies": acc["accuracies"],
-        "random_baseline_mean": base["mean"],
-        "random_baseline_std": base["std"],
-        "random_baseline_accuracies": base["accuracies"],
+        "accuracy_mean": acc_ci.mean,
+        "accuracy_ci95": [acc_ci.low, acc_ci.high],
+        "accuracy_std": float(statistics.stdev(seeds_acc)) if len(seeds_acc) > 1 else 0.0,
+        "accuracy_per_seed": seeds_acc,
+        "accuracies": [a for acc, _ in per_seed for a in acc["accuracies"]],
+        "random_baseline_mean": base_ci.mean,
+        "random_baseline_ci95": [base_ci.low, base_ci.high],
+        "random_baseline_std": float(statistics.stdev(seeds_base)) if len(seeds_base) > 1 else 0.0,
+        "random_baseline_per_seed": seeds_base,
+        "random_baseline_accuracies": [a for _, b in per_seed for a in b["accuracies"]],
         "mi_estimate": mi or None,
         "mi_estimate_mean": (sum(mi.values()) / len(mi)) if mi else None,
         "final_loss": float(logs.get("loss", math.nan)),
-        "expert_seconds": expert_seconds if experts is not None else None,
+        "expert_seconds": sum(expert_seconds) if expert_seconds else None,
         "eval_seconds": eval_seconds,
         "eval_nets": ecfg.n_nets,
         "eval_epochs": ecfg.epochs,
@@ -227,6 +266,20 @@ def run_method(name: str, preset: str | None, settings, dataset, device: str, ar
         "traces": traces,
         "settings": settings.to_toml_dict(),
     }
+
+
+def paired_differences(results: list[dict]) -> list[dict]:
+    """Each method minus the first, paired on the same distillation seeds (test accuracy)."""
+    from mim4dd_fast.stats import paired_compare
+
+    first = results[0]
+    out = []
+    for r in results[1:]:
+        c = paired_compare(r["accuracy_per_seed"], first["accuracy_per_seed"])
+        out.append({"method": r["method"], "versus": first["method"], "n_seeds": c.n, "diff": c.diff.mean,
+                    "ci95": [c.diff.low, c.diff.high], "p_t": c.p_value, "p_sign_flip": c.permutation_p,
+                    "detectable": c.detectable})
+    return out
 
 
 # -- output ------------------------------------------------------------------------------------------
@@ -238,6 +291,12 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
+def _interval(mean: float, ci: list[float]) -> str:
+    if not all(math.isfinite(v) for v in ci):
+        return f"{100 * mean:.1f} (1 seed)"
+    return f"{100 * mean:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
 def render(results: list[dict], console) -> None:
     from rich.table import Table
 
@@ -246,8 +305,9 @@ def render(results: list[dict], console) -> None:
     table = Table(title=f"{first['dataset']}, IPC {first['ipc']}, device {first['device']} "
                         f"(ratios: time / FLOPs / memory vs {first['method']})")
     cols = ["method", "iters", "s/it median", "s/it p90", "distill s", "FLOP/it", "FLOP/s",
-            "saved for bwd MiB" if cpu else "CUDA max alloc MiB", "peak RSS rise MiB", "accuracy %",
-            "random real %", "MI estimate (nats)", f"vs {first['method']}"]
+            "saved for bwd MiB" if cpu else "CUDA max alloc MiB", "peak RSS rise MiB",
+            f"accuracy % (95% CI, {len(first['seeds'])} seeds)", "random real %", "MI estimate (nats)",
+            f"vs {first['method']}"]
     for c in cols:
         table.add_column(c, justify="left" if c in ("method", "MI estimate (nats)") else "right")
     for r in results:
@@ -258,11 +318,22 @@ def render(results: list[dict], console) -> None:
             r["method"], str(r["iterations"]), f"{r['sec_per_iter_median']:.3f}", f"{r['sec_per_iter_p90']:.3f}",
             f"{r['total_seconds']:.1f}", si(r["flops_per_iter"]), si(r["flops_per_sec"]), mib(r["peak_mem_bytes"]),
             mib(r["peak_rss_delta_bytes"]),
-            f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}",
-            f"{100 * r['random_baseline_mean']:.1f} ± {100 * r['random_baseline_std']:.1f}", mi,
+            _interval(r["accuracy_mean"], r["accuracy_ci95"]),
+            _interval(r["random_baseline_mean"], r["random_baseline_ci95"]), mi,
             " / ".join(_ratio(r[k], first[k]) for k in ("sec_per_iter_median", "flops_per_iter", "peak_mem_bytes")),
         )
     console.print(table)
+    diffs = paired_differences(results)
+    if diffs:
+        paired = Table(title=f"paired on the same distillation seeds: accuracy minus {first['method']} (test split)")
+        for c in ("method", "difference (points)", "95% CI", "p (paired t)", "p (sign flip)", "verdict"):
+            paired.add_column(c, justify="left" if c in ("method", "verdict") else "right")
+        for d in diffs:
+            low, high = d["ci95"]
+            paired.add_row(d["method"], f"{100 * d['diff']:+.2f}", f"[{100 * low:+.2f}, {100 * high:+.2f}]",
+                           f"{d['p_t']:.3f}", f"{d['p_sign_flip']:.3f}",
+                           "detectable" if d["detectable"] else "no detectable effect")
+        console.print(paired)
     kind = ("memory = peak bytes held for backward (saved_tensors_hooks, each storage once); peak RSS rise = "
             "process peak resident set over the same iteration minus its start") if cpu else (
             "memory = torch.cuda.max_memory_allocated over one iteration")
@@ -271,7 +342,8 @@ def render(results: list[dict], console) -> None:
 
 def write_json(path: str, env: dict, results: list[dict]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"environment": env, "results": results}, indent=2, default=str) + "\n")
+    doc = {"environment": env, "results": results, "paired_differences": paired_differences(results)}
+    Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def write_csv(path: str, results: list[dict]) -> None:

@@ -168,8 +168,15 @@ def make_cells(grid: dict[str, list[str]], seeds: list[int], one_at_a_time: bool
     return [Cell(p, s) for p in points for s in seeds]
 
 
-def cell_key(cell: Cell, base: dict[str, Any]) -> str:
-    blob = json.dumps({"params": cell.params, "seed": cell.seed, "base": base}, sort_keys=True, default=str)
+CELL_VERSION = 2  # bump when what a cell measures changes, so old caches are not reused
+
+
+def cell_key(cell: Cell, base: dict[str, Any], archs: tuple[str, ...] = ()) -> str:
+    """The cache key: every resolved setting, the seed and the evaluation plan (two cells that differ
+    only in their labels, e.g. the default point of two one-at-a-time sweeps, share one result)."""
+    settings = cell_settings(cell, base).to_toml_dict()
+    blob = json.dumps({"settings": settings, "seed": cell.seed, "archs": list(archs), "version": CELL_VERSION},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -180,8 +187,14 @@ def cell_settings(cell: Cell, base: dict[str, Any]):
     return build_settings(merge_layers(base, {**cell.overrides(), "seed": cell.seed}))
 
 
-def run_cell(cell: Cell, base: dict[str, Any], experts_dir: str, threads: int = 1) -> dict[str, Any]:
-    """Distil and evaluate one cell (runs in a worker process when --workers > 1)."""
+def run_cell(cell: Cell, base: dict[str, Any], experts_dir: str, threads: int = 1,
+             archs: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Distil and evaluate one cell (runs in a worker process when --workers > 1).
+
+    The run's evaluation nets are tested on the validation split (what settings are chosen on) and on the
+    test split (final tables only); ``archs`` adds nets of other architectures trained on the same set
+    and tested on the test split (cross-architecture generalisation).
+    """
     import torch
 
     from .runner import build_run
@@ -195,17 +208,22 @@ def run_cell(cell: Cell, base: dict[str, Any], experts_dir: str, threads: int = 
         logs = run.step()
         history.append({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
     distill_seconds = time.perf_counter() - t0
-    result = run.evaluate()
+    t0 = time.perf_counter()
+    splits = run.evaluate_splits(("val", "test"))
+    by_arch = {arch: run.evaluate_splits(("test",), model=arch)["test"]["mean"] for arch in archs}
+    eval_seconds = time.perf_counter() - t0
     tail = history[-min(5, len(history)):]
     mi = {k: sum(h[k] for h in tail) / len(tail) for k in tail[-1] if k.startswith("mi_est/")}
-    return {"params": dict(cell.params), "seed": cell.seed, "accuracy_mean": result["mean"],
-            "accuracy_std": result["std"], "accuracies": result["accuracies"], "mi_est": mi,
+    test, val = splits["test"], splits["val"]
+    return {"params": dict(cell.params), "seed": cell.seed, "accuracy_mean": test["mean"],
+            "accuracy_std": test["std"], "accuracies": test["accuracies"], "val_accuracy_mean": val["mean"],
+            "val_accuracies": val["accuracies"], "archs": by_arch, "mi_est": mi,
             "final_loss": tail[-1].get("loss"), "mim_loss": tail[-1].get("mim_loss"),
-            "distill_seconds": distill_seconds}
+            "distill_seconds": distill_seconds, "eval_seconds": eval_seconds}
 
 
 def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: int = 1, console=None,
-              dist: Dist = SINGLE) -> list[dict] | None:
+              dist: Dist = SINGLE, archs: tuple[str, ...] = (), title: str = "ablation cells") -> list[dict] | None:
     """Run every cell not already cached in ``out/cells``; returns all results in cell order.
 
     Under torchrun (``dist`` enabled) this is a collective call: rank 0 decides which cells are pending
@@ -226,7 +244,7 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
     experts_dir = out / "experts"
     cache = out / "cells"
     cache.mkdir(parents=True, exist_ok=True)
-    keys = [cell_key(c, base) for c in cells]
+    keys = [cell_key(c, base, archs) for c in cells]
     # rank 0's view of the cache decides, so every rank splits the same list even if a fast rank
     # has already written a cell by the time a slow one looks
     pending_idx = [i for i, k in enumerate(keys) if not (cache / f"{k}.json").exists()] if dist.is_main else None
@@ -244,7 +262,7 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
     failure: tuple[int, str] | None = None  # (cell index or -1, message) when this rank's cells failed
     error: Exception | None = None
     with progress if progress is not None else nullcontext():
-        task = progress.add_task("ablation cells", total=len(cells), completed=len(cells) - len(pending_idx)) \
+        task = progress.add_task(title, total=len(cells), completed=len(cells) - len(pending_idx)) \
             if progress is not None else None
 
         def store(i: int, result: dict) -> None:
@@ -259,13 +277,13 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
             if workers <= 1:
                 for i in mine:
                     current = i
-                    store(i, run_cell(cells[i], base, str(experts_dir)))
+                    store(i, run_cell(cells[i], base, str(experts_dir), archs=archs))
             else:
                 from concurrent.futures import ProcessPoolExecutor, as_completed
                 from multiprocessing import get_context
 
                 with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                    futures = {pool.submit(run_cell, cells[i], base, str(experts_dir), 1): i for i in mine}
+                    futures = {pool.submit(run_cell, cells[i], base, str(experts_dir), 1, archs): i for i in mine}
                     for future in as_completed(futures):
                         current = futures[future]
                         store(current, future.result())
@@ -291,8 +309,10 @@ def run_sweep(cells: list[Cell], base: dict[str, Any], out: Path, *, workers: in
                 if not path.exists():  # ranks on another filesystem: keep their cells for resuming here
                     atomic_write_json(path, result)
         if progress is not None:
-            progress.update(task, completed=len(cells), description="ablation cells")
-    return [json.loads((cache / f"{k}.json").read_text()) for k in keys]
+            progress.update(task, completed=len(cells), description=title)
+    # a cached result may have been computed under another label (same settings): report it under this one
+    return [{**json.loads((cache / f"{k}.json").read_text()), "params": dict(c.params), "seed": c.seed}
+            for k, c in zip(keys, cells, strict=True)]
 
 
 def summarise(results: list[dict]) -> list[dict]:

@@ -19,7 +19,8 @@ console = Console(stderr=True)
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits",
-                   help="digits | cifar10 | cifar100 | mnist | fashion-mnist | imagefolder:PATH")
+                   help="digits | mnist5k (both embedded) | cifar10 | cifar100 | mnist | fashion-mnist | "
+                   "imagefolder:PATH")
     p.add_argument("--data-dir", default=None, help="directory holding the dataset files")
     p.add_argument("--image-size", type=int, default=None, help="resize square images to this size")
     p.add_argument("--zca", action="store_true", help="ZCA-whiten (fitted on the training split)")

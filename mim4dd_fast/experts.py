@@ -34,14 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .augment import dsa as dsa_augment
 from .data import Dataset
 from .distributed import SINGLE, Dist
 from .errors import ConfigError, DataError
 from .io import atomic_write_json, check_writable_dir, load_tensors, save_tensors, sha256_file
-from .models import build_model, flatten_params
+from .models import NotStackable, StackedNets, build_model, flatten_params
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+
+# Experts trained together in one grouped net (``models.StackedNets``); see docs/method.md for the choice.
+EXPERTS_PER_PASS = 4
 
 # progress(expert_index, epochs_done, epochs_total); when epochs_done == epochs_total the expert is on disk.
 Progress = Callable[[int, int, int], None]
@@ -116,17 +120,18 @@ def _verify(out_dir: Path, name: str, sha: str) -> Path:
     return path
 
 
+def _fresh_expert(dataset: Dataset, k: int, seed: int, model_kwargs: dict[str, Any]) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + k)  # module initialisation uses the global RNG
+        return build_model(dataset.channels, dataset.num_classes, dataset.image_size, **model_kwargs)
+
+
 def _train_one(dataset: Dataset, k: int, *, epochs: int, seed: int, lr: float, batch_size: int, dsa: bool,
                model_kwargs: dict[str, Any], device: torch.device,
                progress: Progress | None) -> Tensor:
-    """Train expert ``k`` deterministically from seed ``seed + k``; returns its [epochs + 1, P] trajectory."""
-    from .augment import dsa as dsa_fn
-
+    """Train expert ``k`` alone, deterministically from seed ``seed + k``; returns its [epochs + 1, P] trajectory."""
     gen = torch.Generator().manual_seed(seed + k)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + k)  # module initialisation uses the global RNG
-        model = build_model(dataset.channels, dataset.num_classes, dataset.image_size, **model_kwargs)
-    model = model.to(device).train()
+    model = _fresh_expert(dataset, k, seed, model_kwargs).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
     x_all, y_all = dataset.x_train, dataset.y_train
     n = x_all.shape[0]
@@ -137,7 +142,7 @@ def _train_one(dataset: Dataset, k: int, *, epochs: int, seed: int, lr: float, b
             idx = perm[start : start + batch_size]
             x, y = x_all[idx].to(device), y_all[idx].to(device)
             if dsa:
-                x = dsa_fn(x, generator=gen)
+                x = dsa_augment(x, generator=gen)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -146,6 +151,44 @@ def _train_one(dataset: Dataset, k: int, *, epochs: int, seed: int, lr: float, b
         if progress is not None and e + 1 < epochs:
             progress(k, e + 1, epochs)
     return torch.stack(snapshots)
+
+
+def _train_pass(dataset: Dataset, ks: list[int], *, slots: int, epochs: int, seed: int, lr: float, batch_size: int,
+                dsa: bool, model_kwargs: dict[str, Any], device: torch.device,
+                progress: Progress | None) -> list[Tensor]:
+    """Experts ``ks`` trained together in one grouped net of exactly ``slots`` nets; their trajectories in order.
+
+    Each expert draws from its own generator exactly as ``_train_one`` (randperm each epoch, one DSA
+    call per minibatch) and its gradient is its own (the loss is the sum of the experts' mean losses).
+    A pass with fewer experts than slots repeats the last one (the copies are dropped): every pass
+    has the same width, so the kernels, and the bits of expert k, do not depend on which experts
+    share its pass (resumed runs, torchrun's ranks). NotStackable if the model cannot be grouped.
+    """
+    padded = ks + [ks[-1]] * (slots - len(ks))
+    stacked = StackedNets([_fresh_expert(dataset, k, seed, model_kwargs) for k in padded]).to(device).train()
+    gens = [torch.Generator().manual_seed(seed + k) for k in padded]
+    opt = torch.optim.SGD(stacked.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    x_all, y_all = dataset.x_train, dataset.y_train
+    n = x_all.shape[0]
+    snapshots = [stacked.flat_params().cpu()]
+    for e in range(epochs):
+        perms = [torch.randperm(n, generator=g) for g in gens]
+        for start in range(0, n, batch_size):
+            idx = [perm[start : start + batch_size] for perm in perms]
+            x = [x_all[i].to(device) for i in idx]
+            if dsa:
+                x = [dsa_augment(b, generator=g) for b, g in zip(x, gens, strict=True)]
+            y = torch.stack([y_all[i] for i in idx]).to(device)
+            loss = F.cross_entropy(stacked(torch.stack(x)).flatten(0, 1), y.flatten(), reduction="none")
+            opt.zero_grad(set_to_none=True)
+            loss.view(slots, -1).mean(1).sum().backward()
+            opt.step()
+        snapshots.append(stacked.flat_params().cpu())
+        if progress is not None and e + 1 < epochs:
+            for k in ks:
+                progress(k, e + 1, epochs)
+    trajectories = torch.stack(snapshots)  # [epochs + 1, slots, P]
+    return [trajectories[:, i].clone() for i in range(len(ks))]
 
 
 PENDING = "pending"
@@ -212,13 +255,26 @@ def _agree(dist: Dist, what: str, step: Callable[[], Any]) -> Any:
     return gathered[0][1]
 
 
+def _trajectories(dataset: Dataset, ks: list[int], *, slots: int, **train_kw: Any) -> list[Tensor]:
+    """The experts ``ks``: one grouped pass of ``slots`` nets, or one by one (slots 1, or a model that cannot group)."""
+    if slots > 1:
+        try:
+            return _train_pass(dataset, ks, slots=slots, **train_kw)
+        except NotStackable:
+            pass
+    return [_train_one(dataset, k, **train_kw) for k in ks]
+
+
 def _train_experts(dataset: Dataset, out_dir: str | Path, *, num_experts: int, epochs: int, seed: int, lr: float,
                    batch_size: int, dsa: bool, model_kwargs: dict[str, Any] | None, device: str | torch.device,
-                   progress: Progress | None, dist: Dist) -> tuple[list[Path], dict[str, Any]]:
+                   progress: Progress | None, dist: Dist,
+                   experts_per_pass: int) -> tuple[list[Path], dict[str, Any]]:
     if num_experts < 1 or epochs < 1:
         raise ConfigError(f"num_experts and epochs must be at least 1, got {num_experts} and {epochs}.")
     if batch_size < 1 or not lr > 0:
         raise ConfigError(f"Expert batch size must be >= 1 and lr > 0, got {batch_size} and {lr}.")
+    if isinstance(experts_per_pass, bool) or not isinstance(experts_per_pass, int) or experts_per_pass < 1:
+        raise ConfigError(f"experts_per_pass must be an integer of at least 1, got {experts_per_pass!r}.")
     out_dir = Path(out_dir)
     model_kwargs = dict(model_kwargs or {})
     settings = expert_settings(dataset, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, dsa=dsa,
@@ -248,21 +304,23 @@ def _train_experts(dataset: Dataset, out_dir: str | Path, *, num_experts: int, e
 
     manifest = _agree(dist, "checking the expert directory", start)
     todo = [k for k, name in enumerate(names) if name not in manifest["experts"]]
-    device = torch.device(device)
-    for k in dist.owned(todo):  # the missing experts, round-robin: balanced on resume too
-        traj = _train_one(dataset, k, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, dsa=dsa,
-                          model_kwargs=model_kwargs, device=device, progress=progress)
-        # no safetensors metadata: its key order is not stable, and identical experts must be identical files
-        sha = save_tensors(out_dir / names[k], {"trajectory": traj})
-        if dist.enabled:  # rank 0 adopts it into the manifest after the barrier (or a resumed run does)
-            atomic_write_json(_pending_record(out_dir, names[k]),
-                              {"file": names[k], "sha256": sha, "settings_key": key})
-        else:
-            manifest["experts"][names[k]] = sha
-            manifest["num_experts"] = len(manifest["experts"])
-            atomic_write_json(out_dir / MANIFEST, manifest)
-        if progress is not None:
-            progress(k, epochs, epochs)
+    train_kw = {"epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "dsa": dsa,
+                "model_kwargs": model_kwargs, "device": torch.device(device), "progress": progress}
+    mine = dist.owned(todo)  # the missing experts, round-robin: balanced on resume too
+    for first in range(0, len(mine), experts_per_pass):
+        ks = mine[first : first + experts_per_pass]
+        for k, traj in zip(ks, _trajectories(dataset, ks, slots=experts_per_pass, **train_kw), strict=True):
+            # no safetensors metadata: its key order is not stable, and identical experts must be identical files
+            sha = save_tensors(out_dir / names[k], {"trajectory": traj})
+            if dist.enabled:  # rank 0 adopts it into the manifest after the barrier (or a resumed run does)
+                atomic_write_json(_pending_record(out_dir, names[k]),
+                                  {"file": names[k], "sha256": sha, "settings_key": key})
+            else:
+                manifest["experts"][names[k]] = sha
+                manifest["num_experts"] = len(manifest["experts"])
+                atomic_write_json(out_dir / MANIFEST, manifest)
+            if progress is not None:
+                progress(k, epochs, epochs)
 
     if dist.enabled:
         dist.barrier("waiting for the other ranks to finish their experts")
@@ -298,6 +356,7 @@ def train_experts(
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
     dist: Dist = SINGLE,
+    experts_per_pass: int = EXPERTS_PER_PASS,
 ) -> list[Path]:
     """Train (or finish training) ``num_experts`` experts into ``out_dir``; returns their files in order.
 
@@ -308,7 +367,7 @@ def train_experts(
     """
     paths, _ = _train_experts(dataset, out_dir, num_experts=num_experts, epochs=epochs, seed=seed, lr=lr,
                               batch_size=batch_size, dsa=dsa, model_kwargs=model_kwargs, device=device,
-                              progress=progress, dist=dist)
+                              progress=progress, dist=dist, experts_per_pass=experts_per_pass)
     return paths
 
 
@@ -355,6 +414,7 @@ def ensure_experts(
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
     dist: Dist = SINGLE,
+    experts_per_pass: int = EXPERTS_PER_PASS,
 ) -> list[Tensor]:
     """Build (or finish, or just load) experts in ``cache_root/<dataset>-<settings key>`` and return them.
 
@@ -367,5 +427,5 @@ def ensure_experts(
     out_dir = Path(cache_root) / f"{dataset.name}-{settings_key(settings)}"
     paths, manifest = _train_experts(dataset, out_dir, num_experts=num_experts, epochs=epochs, seed=seed, lr=lr,
                                      batch_size=batch_size, dsa=dsa, model_kwargs=model_kwargs, device=device,
-                                     progress=progress, dist=dist)
+                                     progress=progress, dist=dist, experts_per_pass=experts_per_pass)
     return [load_tensors(p, expected_sha256=manifest["experts"][p.name])["trajectory"] for p in paths]

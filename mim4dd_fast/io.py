@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -79,10 +80,29 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header keys sorted, so equal content gives equal bytes.
+
+    safetensors keeps ``__metadata__`` in a Rust HashMap, whose order changes from call to call; the
+    data section and its offsets do not depend on the header's key order, so only the header is
+    rewritten (compact JSON, space-padded to a multiple of 8 bytes as safetensors writes it).
+    """
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> str:
-    """Save tensors as safetensors atomically; returns the file's sha256."""
+    """Save tensors as safetensors atomically; returns the file's sha256.
+
+    The bytes depend only on the tensors and the metadata, never on dict order or the process, so
+    equal content gives an equal checksum (a resumed run can be compared with an uninterrupted one).
+    """
     data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    data = _canonical_safetensors(data)
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
 

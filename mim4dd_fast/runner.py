@@ -82,15 +82,25 @@ class Run:
         return tensors
 
     def evaluate(self, n_nets: int | None = None, *, progress=None, dist: Dist | None = None) -> dict[str, Any]:
-        """Fresh nets trained on the distilled set with the evaluation protocol (``n_nets`` overrides
-        ``run.evals``); collective under torchrun (ranks split the nets) unless ``dist`` says otherwise."""
-        from .evaluation import evaluate_synthetic
+        """Fresh nets trained on the distilled set with the evaluation protocol, tested on the test split
+        (``n_nets`` overrides ``run.evals``); collective under torchrun (ranks split the nets) unless
+        ``dist`` says otherwise."""
+        return self.evaluate_splits(("test",), n_nets=n_nets, progress=progress, dist=dist)["test"]
 
-        cfg = dataclasses.replace(self.settings.eval, n_nets=n_nets or self.settings.run.evals)
+    def evaluate_splits(self, splits: tuple[str, ...] = ("test",), *, model: str | None = None,
+                        n_nets: int | None = None, progress=None, dist: Dist | None = None) -> dict[str, dict]:
+        """{split: summary} of the same evaluation nets tested on each split (``model`` overrides the
+        evaluation architecture). Net seeds come from ``stats.evaluation_seed``, so no two distillation
+        seeds ever share an evaluation net."""
+        from .evaluation import evaluate_splits
+        from .stats import evaluation_seed
+
+        extra = {"model": model} if model is not None else {}
+        cfg = dataclasses.replace(self.settings.eval, n_nets=n_nets or self.settings.run.evals, **extra)
         x, y = self.method.synthetic_set()
-        return evaluate_synthetic(x, y, self.dataset, cfg, seed=self.settings.run.seed, device=self.device,
-                                  lr=self.method.learned_lr(), progress=progress,
-                                  dist=self.dist if dist is None else dist)
+        return evaluate_splits(x, y, self.dataset, cfg, splits=splits, seed=evaluation_seed(self.settings.run.seed, 0),
+                               device=self.device, lr=self.method.learned_lr(), progress=progress,
+                               dist=self.dist if dist is None else dist)
 
 
 def build_run(settings: Settings, *, dataset=None, device: str | None = None, experts: list[Tensor] | None = None,

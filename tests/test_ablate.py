@@ -81,7 +81,7 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     cells = make_cells({"tau": ["0.1", "0.5"]}, [0])
     calls = []
 
-    def fake_run_cell(cell, base_, experts_dir, threads=1):
+    def fake_run_cell(cell, base_, experts_dir, threads=1, archs=()):
         calls.append(cell)
         if len(calls) == 2:
             raise KeyboardInterrupt  # interrupted during the second cell
@@ -92,7 +92,8 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
         ablation.run_sweep(cells, base, tmp_path)
     assert (tmp_path / "cells" / f"{cell_key(cells[0], base)}.json").exists()
     calls.clear()
-    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1: (calls.append(c), _fake_result(c, 0.6))[1])
+    monkeypatch.setattr(ablation, "run_cell",
+                        lambda c, b, e, threads=1, archs=(): (calls.append(c), _fake_result(c, 0.6))[1])
     results = ablation.run_sweep(cells, base, tmp_path)
     assert calls == [cells[1]]  # the finished cell was not recomputed
     assert [r["accuracy_mean"] for r in results] == [0.5, 0.6]
@@ -167,7 +168,8 @@ def test_sweep_as_rank1_runs_its_round_robin_share_and_returns_none(tmp_path, mo
     base = {"method": "dm+mim", "iterations": 1}
     cells = make_cells({"tau": ["0.1", "0.5"]}, [0, 1])
     calls = []
-    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1: (calls.append(c), _fake_result(c, 0.4))[1])
+    monkeypatch.setattr(ablation, "run_cell",
+                        lambda c, b, e, threads=1, archs=(): (calls.append(c), _fake_result(c, 0.4))[1])
     # rank 0 saw cells 0, 1 and 3 pending; rank 1 looks later (cell 1 already cached) but splits rank 0's list
     (tmp_path / "cells").mkdir()
     (tmp_path / "cells" / f"{cell_key(cells[1], base)}.json").write_text("{}")
@@ -182,7 +184,7 @@ def test_sweep_as_rank1_runs_its_round_robin_share_and_returns_none(tmp_path, mo
 def test_sweep_as_rank0_merges_gathered_cells_in_order(tmp_path, monkeypatch):
     base = {"method": "dm+mim", "iterations": 1}
     cells = make_cells({"tau": ["0.1", "0.5"]}, [0])
-    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1: _fake_result(c, 0.3))
+    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1, archs=(): _fake_result(c, 0.3))
     # rank 1 ran cell 1 on a filesystem rank 0 does not see: rank 0 caches what it gathered
     other = {"rank": 1, "results": {1: {**_fake_result(cells[1], 0.9), "rank": 1}}, "failure": None}
     results = ablation.run_sweep(cells, base, tmp_path, dist=_fake_ranks(0, others=[other]))
@@ -193,7 +195,7 @@ def test_sweep_as_rank0_merges_gathered_cells_in_order(tmp_path, monkeypatch):
 def test_sweep_as_rank0_names_a_cell_that_failed_on_another_rank(tmp_path, monkeypatch):
     base = {"method": "dm+mim", "iterations": 1}
     cells = make_cells({"tau": ["0.1", "0.5"]}, [0])
-    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1: _fake_result(c, 0.3))
+    monkeypatch.setattr(ablation, "run_cell", lambda c, b, e, threads=1, archs=(): _fake_result(c, 0.3))
     other = {"rank": 1, "results": {}, "failure": (1, "NonFiniteError: loss is NaN.")}
     with pytest.raises(DistributedError, match=r"rank 1 failed on cell tau=0.5 seed 0 \(NonFiniteError: loss is "
                                                r"NaN\.\); the cells finished before it are cached"):

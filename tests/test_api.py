@@ -8,6 +8,7 @@ checked against the term written out by hand with the reference contrastive loss
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from mim4dd_fast import MIMConfig, MIMTerm, distill, evaluate, load_dataset
 from mim4dd_fast.cli import main as cli_main
 from mim4dd_fast.errors import ConfigError
 from mim4dd_fast.io import load_tensors
+from mim4dd_fast.stats import evaluation_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,9 +35,11 @@ def test_distill_in_memory_equals_the_cli_run(tmp_path):
     saved = load_tensors(out / "synthetic.safetensors")
     assert torch.equal(result.images, saved["images"]) and torch.equal(result.labels, saved["labels"])
     assert result.lr is None and len(result.history) == 3 and result.settings.method_config.batch_real == 8
-    # the same protocol as the run's evaluation, through the API
-    accuracy = evaluate(result.images, result.labels, result.run.dataset, n_nets=1, epochs=2, seed=4)
-    assert accuracy == result.evaluate(n_nets=1)
+    # the same protocol as the run's evaluation, through the API (nets seeded as the CLI's: evaluation_seed)
+    accuracy = evaluate(result.images, result.labels, result.run.dataset, n_nets=1, epochs=2,
+                        seed=evaluation_seed(4, 0))
+    assert accuracy == result.evaluate(n_nets=1) == result.run.evaluate(n_nets=1)
+    assert json.loads((out / "eval.json").read_text())["accuracies"] == accuracy["accuracies"]
 
 
 def test_distill_writes_a_resumable_run_directory(tmp_path):

@@ -24,7 +24,7 @@ def _load(name):
 compare = _load("compare")
 
 TINY = [
-    "--iterations", "3", "--evals", "1", "--eval-epochs", "3", "--device", "cpu",
+    "--iterations", "3", "--evals", "1", "--eval-epochs", "3", "--device", "cpu", "--seeds", "2",
     "--set", "num_experts=1",
     "--set", "mim4dd:expert_epochs=2",
     "--set", "mim4dd:method_config.max_start_epoch=1",
@@ -46,7 +46,7 @@ def test_tiny_comparison_writes_the_documented_schema(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc == 0
     data = json.loads(out_json.read_text())
-    assert set(data) == {"environment", "results"}
+    assert set(data) == {"environment", "results", "paired_differences"}
     env = data["environment"]
     for key in ("torch", "triton", "device_name", "threads"):
         assert key in env
@@ -73,17 +73,27 @@ def test_tiny_comparison_writes_the_documented_schema(tmp_path, capsys):
     assert set(mim["mi_estimate"]) == {"blocks.0", "blocks.1"}  # digits: ConvNet-2, every block tapped
     assert all(math.isfinite(v) for v in mim["mi_estimate"].values())
     assert _positive(mim["expert_seconds"])
-    # both methods share one random-real baseline (same data, IPC, seed and protocol)
-    assert dm["random_baseline_mean"] == mim["random_baseline_mean"]
+    # both methods share one random-real baseline per seed (same data, IPC, seed and protocol)
+    assert dm["random_baseline_per_seed"] == mim["random_baseline_per_seed"]
+    # two distillation seeds: a mean over seeds inside its interval, and mim4dd - dm paired seed by seed
+    for r in results:
+        assert r["seeds"] == [0, 1] and len(r["accuracy_per_seed"]) == 2
+        assert r["accuracy_mean"] == pytest.approx(sum(r["accuracy_per_seed"]) / 2)
+        assert r["accuracy_ci95"][0] <= r["accuracy_mean"] <= r["accuracy_ci95"][1]
+    (paired,) = data["paired_differences"]
+    diffs = [b - a for a, b in zip(dm["accuracy_per_seed"], mim["accuracy_per_seed"], strict=True)]
+    assert paired["method"] == "mim4dd" and paired["versus"] == "dm" and paired["n_seeds"] == 2
+    assert paired["diff"] == pytest.approx(sum(diffs) / 2)
+    assert "paired on the same distillation seeds" in printed
     rows = list(csv.DictReader(out_csv.open()))
     assert [row["method"] for row in rows] == ["dm", "mim4dd"]
     assert float(rows[1]["flops_per_iter"]) == mim["flops_per_iter"]
     assert f"tensorboard --logdir {traces}" in printed
     assert "mim4dd" in printed and "vs dm" in printed
 
-    # the experts are cached: a second MTT run reuses them (no new files)
-    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors"))
-    assert len(cached) == 1
+    # one expert set per distillation seed (num_experts 1), each in its own cache folder
+    cached = sorted(p.parent.name for p in (tmp_path / "cache").rglob("*.safetensors"))
+    assert len(cached) == 2 and cached[0] != cached[1]
 
 
 @pytest.mark.parametrize("argv, words", [

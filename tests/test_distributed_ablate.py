@@ -96,7 +96,7 @@ import ablate
 from mim4dd_fast import ablation
 from mim4dd_fast.errors import UserError
 
-def run_cell(cell, base, experts_dir, threads=1):  # instant fake cells; rank 1's second one fails
+def run_cell(cell, base, experts_dir, threads=1, archs=()):  # instant fake cells; rank 1's second one fails
     if os.environ["RANK"] == "1" and cell.seed == 1 and dict(cell.params)["tau"] == "0.5":
         raise UserError("boom on purpose.")
     return {{"params": dict(cell.params), "seed": cell.seed, "accuracy_mean": 0.5, "accuracy_std": 0.0,

@@ -43,7 +43,7 @@ def _as_str_dict(obj: Any, path: Path) -> dict[str, Any]:
         raise DataError(
             f"{path} does not hold a CIFAR dict (found {type(obj).__name__}); is it the python version?"
         )
-    return {_text(k): v for k, v in obj.items()}
+    return {_text(k): v for k, v in obj.items() if isinstance(k, (bytes, str))}
 
 
 def find_dir(name: str, root: str | Path | None) -> Path:
@@ -76,15 +76,28 @@ def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path} has data of {desc}; a CIFAR batch holds uint8 [N, 3072].")
+    if data.shape[0] == 0:
+        raise DataError(f"no images in {path}; a CIFAR batch holds at least one.")
+    return data.reshape(-1, 3, 32, 32), _labels(labels, data.shape[0], num_classes, path)
+
+
+def _labels(labels: Any, n: int, num_classes: int, path: Path) -> np.ndarray:
+    """A flat list (or 1-D integer array) of ``n`` ints in range, checked before numpy copies anything:
+    a list of nested shared lists would otherwise be expanded element by element."""
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise DataError(f"{path} has labels of {labels.dtype} {labels.shape}; expected {n} integers.")
+    elif not isinstance(labels, (list, tuple)) or not all(type(v) is int for v in labels):
+        raise DataError(f"{path} has labels that are not a flat list of integers.")
+    if len(labels) != n:
+        raise DataError(f"{path} has {n} images but {len(labels)} labels.")
     try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        raise DataError(f"{path} has labels that are not integers.") from None
-    if labels.shape != (data.shape[0],):
-        raise DataError(f"{path} has {data.shape[0]} images but labels of shape {labels.shape}.")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        out = np.asarray(labels, dtype=np.int64)
+    except OverflowError:  # a Python int beyond int64
+        out = np.array([-1])
+    if out.min() < 0 or out.max() >= num_classes:
         raise DataError(f"{path} has labels outside 0..{num_classes - 1}.")
-    return data.reshape(-1, 3, 32, 32), labels
+    return out
 
 
 def read_class_names(path: Path, names_key: str, num_classes: int) -> list[str]:
@@ -92,9 +105,10 @@ def read_class_names(path: Path, names_key: str, num_classes: int) -> list[str]:
         raise DataError(f"CIFAR meta file {path} is missing; the dataset directory is incomplete.")
     meta = _as_str_dict(safe_load(path), path)
     names = meta.get(names_key)
-    if not isinstance(names, (list, tuple)) or len(names) != num_classes:
+    if (not isinstance(names, (list, tuple)) or len(names) != num_classes
+            or not all(isinstance(n, (bytes, str)) and len(n) <= 1000 for n in names)):
         raise DataError(f"{path} does not list {num_classes} class names under '{names_key}'.")
-    return [str(_text(n)) for n in names]
+    return [_text(n) for n in names]
 
 
 def load_cifar(name: str, root: str | Path | None):

@@ -15,11 +15,17 @@ from .zca import ZCA
 
 @dataclass
 class Dataset:
-    """Train/test tensors plus everything needed to undo the preprocessing for display."""
+    """Train / validation / test tensors plus everything needed to undo the preprocessing for display.
+
+    The splits are fixed (``splits``): choose hyperparameters on ``x_val``, touch ``x_test`` only for
+    final tables. Normalisation and ZCA statistics come from the training split alone.
+    """
 
     name: str
     x_train: Tensor  # float32 [N, C, H, W], normalised (and whitened when zca is set)
     y_train: Tensor  # int64 [N]
+    x_val: Tensor
+    y_val: Tensor
     x_test: Tensor
     y_test: Tensor
     class_names: list[str]
@@ -97,46 +103,44 @@ def _to_unit_float(x: np.ndarray) -> Tensor:
 
 def _finish(
     name: str,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
+    arrays: tuple[np.ndarray, ...],
     class_names: list[str],
     *,
     zca: bool,
     normalize: bool,
     image_size: int | None = None,
     skipped: int = 0,
+    where: str = "",
 ) -> Dataset:
-    """Turn uint8 (0..255) or float ([0, 1]) [N,C,H,W] arrays into a normalised Dataset.
+    """Turn (x_train, y_train, x_val, y_val, x_test, y_test) arrays into a normalised Dataset.
 
-    Order: to [0, 1], resize, per-channel mean/std of the training split, then ZCA fitted on the
-    normalised training split (as MTT: Normalize, then kornia ZCAWhitening).
+    Images are uint8 (0..255) or float ([0, 1]) [N, C, H, W]. Order: to [0, 1], resize, per-channel
+    mean/std of the training split, then ZCA fitted on the normalised training split (as MTT:
+    Normalize, then kornia ZCAWhitening); validation and test get the training split's transform.
     """
-    xtr = _resize(_to_unit_float(x_train), image_size)
-    xte = _resize(_to_unit_float(x_test), image_size)
-    if xtr.numel() == 0:
-        raise DataError(f"Dataset {name!r} has no training images.")
-    c = xtr.shape[1]
+    xs = [_resize(_to_unit_float(x), image_size) for x in arrays[0::2]]
+    ys = [torch.as_tensor(np.asarray(y), dtype=torch.int64) for y in arrays[1::2]]
+    for split, x in zip(("training", "validation", "test"), xs, strict=True):
+        if x.shape[0] == 0:
+            raise DataError(f"Dataset {name!r}{where} has an empty {split} split; it needs images in every "
+                            "split (see docs/method.md, Splits).")
+    c = xs[0].shape[1]
     if normalize:
-        mean = xtr.mean(dim=(0, 2, 3))
-        std = xtr.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        mean = xs[0].mean(dim=(0, 2, 3))
+        std = xs[0].std(dim=(0, 2, 3)).clamp_min(1e-6)
     else:
         mean, std = torch.zeros(c), torch.ones(c)
-    xtr.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
-    xte.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+    for x in xs:
+        x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
     whitening = None
     if zca:
-        if xtr.shape[0] < 2:
+        if xs[0].shape[0] < 2:
             raise DataError(f"ZCA whitening needs at least two training images; {name!r} has one.")
-        whitening = ZCA.fit(xtr)
-        xtr, xte = whitening(xtr), whitening(xte)
+        whitening = ZCA.fit(xs[0])
+        xs = [whitening(x) for x in xs]
     return Dataset(
         name=name,
-        x_train=xtr,
-        y_train=torch.as_tensor(np.asarray(y_train), dtype=torch.int64),
-        x_test=xte,
-        y_test=torch.as_tensor(np.asarray(y_test), dtype=torch.int64),
+        x_train=xs[0], y_train=ys[0], x_val=xs[1], y_val=ys[1], x_test=xs[2], y_test=ys[2],
         class_names=list(class_names),
         mean=tuple(float(v) for v in mean),
         std=tuple(float(v) for v in std),
@@ -161,21 +165,26 @@ def load_dataset(
     normalize: bool = True,
     seed: int = 0,
 ) -> Dataset:
-    """Load a dataset by name; raises ``DataError`` (one clear sentence) on any bad input.
+    """Load a dataset by name with its fixed train / validation / test splits; ``DataError`` on bad input.
 
     ``image_size`` resizes square images (digits default 8, imagefolder default 32). ``zca`` fits
-    ZCA whitening (eps 0.1, as MTT) on the training split and applies it to both splits.
+    ZCA whitening (eps 0.1, as MTT) on the training split and applies it to every split. ``seed`` is
+    accepted for compatibility only: the splits are fixed (``splits.SPLIT_SEED``) and never depend on
+    the run seed, so every run is validated and tested on the same images.
     """
     from . import sources
+    from .splits import carve_validation, split_three
 
     if image_size is not None and (
         isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1
     ):
         raise DataError(f"image size must be a positive integer, got {image_size!r}.")
     key = name.strip().lower()
-    skipped = 0
+    skipped, where = 0, f" in {root}" if root else ""
     if key == "digits":
-        arrays, classes = sources.load_digits(seed=seed), [str(i) for i in range(10)]
+        arrays, classes = sources.load_digits(), [str(i) for i in range(10)]
+    elif key == "mnist5k":
+        arrays, classes = sources.load_mnist5k(), [str(i) for i in range(10)]
     elif key in ("cifar10", "cifar100"):
         arrays, classes = sources.load_cifar(key, root)
     elif key in ("mnist", "fashion-mnist", "fashionmnist"):
@@ -184,13 +193,13 @@ def load_dataset(
     elif key.startswith("imagefolder:") or key == "imagefolder":
         path = name.strip().split(":", 1)[1] if ":" in name else None
         path = path or root
-        arrays, classes, skipped = sources.load_imagefolder(path, image_size or 32, seed=seed)
-        key = "imagefolder"
+        arrays, classes, skipped = sources.load_imagefolder(path, image_size or 32)
+        key, where = "imagefolder", f" in {path}"
     else:
         raise DataError(
-            f"Unknown dataset {name!r}; choose digits, cifar10, cifar100, mnist, fashion-mnist "
+            f"Unknown dataset {name!r}; choose digits, mnist5k, cifar10, cifar100, mnist, fashion-mnist "
             "or imagefolder:PATH."
         )
-    x_train, y_train, x_test, y_test = arrays
-    return _finish(key, x_train, y_train, x_test, y_test, classes, zca=zca, normalize=normalize,
-                   image_size=image_size, skipped=skipped)
+    splits = split_three(*arrays) if len(arrays) == 2 else carve_validation(*arrays)
+    return _finish(key, splits, classes, zca=zca, normalize=normalize, image_size=image_size,
+                   skipped=skipped, where=where)

@@ -1,8 +1,9 @@
 """A folder of images, one sub-folder per class (the torchvision ImageFolder layout), read with Pillow.
 
 Choices (docs/method.md explains them):
-- splits: ``PATH/train`` and ``PATH/test`` when both exist, else a seeded 20% per class is held out
-  (at least one image when the class has two or more);
+- splits: ``PATH/train`` and ``PATH/test`` when both exist (validation is then carved from train),
+  else all images are returned and ``splits`` draws fixed train / validation / test splits;
+- at least two classes, and a test folder that holds images: otherwise there is nothing to classify;
 - images: every image is converted to RGB, resized so its shorter side is ``size`` and centre-cropped
   to ``size`` x ``size`` (as MTT does for its ImageNet subsets); if *every* image is grayscale the
   set is stored with one channel instead;
@@ -23,7 +24,6 @@ from ..errors import DataError
 
 EXTENSIONS = {".png", ".jpg", ".jpeg"}
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
-TEST_FRACTION = 0.2
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -114,20 +114,26 @@ def _read_split(split_dir: Path, classes: list[str], dirs: dict[str, Path], root
 def _require_classes(dirs: dict[str, Path], where: Path) -> list[str]:
     if not dirs:
         raise DataError(f"Image folder {where} has no class sub-folders (it needs one folder per class).")
+    if len(dirs) == 1:
+        raise DataError(f"Image folder {where} has only one class sub-folder ({next(iter(dirs))}); "
+                        "classification needs at least two classes.")
     return list(dirs)
 
 
-def _stack(per_class, indices=None):
-    xs, ys = [], []
-    for c, items in enumerate(per_class):
-        chosen = items if indices is None else [items[i] for i in indices[c]]
-        xs += [a for a, _ in chosen]
-        ys += [c] * len(chosen)
-    return xs, np.asarray(ys, dtype=np.int64)
+def _stack(per_class, size: int):
+    """uint8 [N, 3, size, size] (all classes in order) and int64 labels."""
+    xs = [a for items in per_class for a, _ in items]
+    ys = [c for c, items in enumerate(per_class) for _ in items]
+    x = np.stack(xs) if xs else np.zeros((0, 3, size, size), dtype=np.uint8)
+    return x, np.asarray(ys, dtype=np.int64)
 
 
-def load_imagefolder(path: str | Path | None, size: int = 32, seed: int = 0):
-    """((x_train, y_train, x_test, y_test), class_names, skipped); images uint8 [N, C, size, size]."""
+def load_imagefolder(path: str | Path | None, size: int = 32):
+    """(arrays, class_names, skipped); images uint8 [N, C, size, size].
+
+    ``arrays`` is ``(x_train, y_train, x_test, y_test)`` when PATH has train/test folders, else ``(x, y)``
+    with every image (the caller splits it).
+    """
     if path is None or str(path) == "":
         raise DataError("imagefolder needs a path: use --dataset imagefolder:PATH.")
     if size < 1:
@@ -151,31 +157,22 @@ def load_imagefolder(path: str | Path | None, size: int = 32, seed: int = 0):
         if extra:
             raise DataError(f"Test classes {extra} of {base} have no folder in {base / 'train'}.")
         classes = _require_classes(train_dirs, base / "train")
-        train = _read_split(base / "train", classes, train_dirs, root, size, failed)
-        test = _read_split(base / "test", classes, test_dirs, root, size, failed)
-        x_train, y_train = _stack(train)
-        x_test, y_test = _stack(test)
-        gray = all(g for items in train + test for _, g in items)
+        if not test_dirs:
+            raise DataError(f"Test folder {base / 'test'} has no class sub-folders, so the test split "
+                            "would be empty; add test images (one folder per class).")
+        per_split = [_read_split(base / s, classes, d, root, size, failed)
+                     for s, d in (("train", train_dirs), ("test", test_dirs))]
     else:
         dirs = _class_dirs(base, root)
         classes = _require_classes(dirs, base)
-        items = _read_split(base, classes, dirs, root, size, failed)
-        rng = np.random.default_rng(seed)
-        train_idx, test_idx = [], []
-        for decoded in items:
-            n = len(decoded)
-            n_test = max(1, int(round(n * TEST_FRACTION))) if n >= 2 else 0
-            order = rng.permutation(n)
-            test_idx.append(sorted(order[:n_test].tolist()))
-            train_idx.append(sorted(order[n_test:].tolist()))
-        x_train, y_train = _stack(items, train_idx)
-        x_test, y_test = _stack(items, test_idx)
-        gray = all(g for decoded in items for _, g in decoded)
+        per_split = [_read_split(base, classes, dirs, root, size, failed)]
     if failed:
         shown = ", ".join(str(p) for p in failed[:3]) + (" ..." if len(failed) > 3 else "")
         warnings.warn(f"Skipped {len(failed)} image(s) that could not be decoded: {shown}", stacklevel=2)
+    gray = all(g for per_class in per_split for items in per_class for _, g in items)
     channels = slice(0, 1) if gray else slice(0, 3)
-    empty = np.zeros((0, 3, size, size), dtype=np.uint8)
-    x_train = (np.stack(x_train) if x_train else empty)[:, channels]
-    x_test = (np.stack(x_test) if x_test else empty)[:, channels]
-    return (x_train, y_train, x_test, y_test), classes, len(failed)
+    arrays = []
+    for per_class in per_split:
+        x, y = _stack(per_class, size)
+        arrays += [x[:, channels], y]
+    return tuple(arrays), classes, len(failed)

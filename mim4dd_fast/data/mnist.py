@@ -1,14 +1,17 @@
 """MNIST and Fashion-MNIST from the standard IDX files (plain or gzipped).
 
 IDX format: a big-endian int32 magic (2051 = 0x803 for 3-d ubyte images, 2049 = 0x801 for 1-d ubyte
-labels), one big-endian int32 per dimension, then the raw uint8 values. We read exactly the number of
-bytes the header announces, so a truncated file, a file with extra bytes, or a gzip bomb is caught
-without reading more than the header promises.
+labels), one big-endian int32 per dimension, then the raw uint8 values. The header's sizes are checked
+before anything is allocated: their exact product against the file's length (a plain file must hold
+that many bytes, a gzipped one cannot expand more than deflate's ~1032:1) and against the memory
+available. Then exactly the announced number of bytes is read, so a truncated file, a file with extra
+bytes, or a gzip bomb is caught without reading more than the header promises.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -18,6 +21,7 @@ import numpy as np
 
 from ..errors import DataError
 
+MAX_DEFLATE_RATIO = 1032  # deflate never expands a byte of input to more than about 1032 bytes
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
 FILES = {
@@ -68,6 +72,16 @@ def _read_exact(f: BinaryIO, n: int, path: Path, what: str) -> bytes:
     return data
 
 
+def _check_memory(path: Path, count: int) -> None:
+    """Refuse up front a file whose values (read as uint8, then copied to float32) would not fit in memory."""
+    import psutil
+
+    need, available = 5 * count, psutil.virtual_memory().available
+    if need > available:
+        raise DataError(f"IDX file {path} announces {count} values, which need about {need / 2**30:.1f} GiB of "
+                        f"memory as images; only {available / 2**30:.1f} GiB is available.")
+
+
 def read_idx(directory: Path, stem: str, magic: int, ndim: int) -> np.ndarray:
     """One IDX file -> uint8 array of the header's shape; DataError for wrong magic/size/truncation."""
     f, path = _open(directory, stem)
@@ -80,10 +94,15 @@ def read_idx(directory: Path, stem: str, magic: int, ndim: int) -> np.ndarray:
                                 "it is not the right MNIST file.")
             if any(d < 0 for d in dims):
                 raise DataError(f"IDX file {path} has a negative size in its header.")
-            count = int(np.prod(dims, dtype=np.int64))
-            if path.suffix != ".gz" and path.stat().st_size < len(head) + count:
-                raise DataError(f"IDX file {path} is truncated: its header announces {count} values but the "
-                                f"file has only {path.stat().st_size - len(head)}.")
+            count = math.prod(dims)  # exact: the product of int32 sizes can overflow int64
+            stored = path.stat().st_size - len(head)
+            if path.suffix != ".gz" and stored < count:
+                raise DataError(f"IDX file {path} is truncated: its header announces {count} values "
+                                f"({'x'.join(map(str, dims))}) but the file has only {stored}.")
+            if path.suffix == ".gz" and count > MAX_DEFLATE_RATIO * path.stat().st_size:
+                raise DataError(f"IDX file {path} announces {count} values ({'x'.join(map(str, dims))}) in its "
+                                f"header, more than its {path.stat().st_size} compressed bytes can hold.")
+            _check_memory(path, count)
             body = _read_exact(f, count, path, f"{'x'.join(map(str, dims))} values")
             if f.read(1):
                 raise DataError(f"IDX file {path} is longer than its header {dims} says; it is corrupt.")
