@@ -150,12 +150,12 @@ def _depth(shapes: Shapes) -> int:
 # -- ours: one row in this process ----------------------------------------------------------------
 
 
-def build_ours(row: Row, shapes: Shapes, seed: int = 0):
+def build_ours(row: Row, shapes: Shapes, seed: int = 0, precision: str = "fp32"):
     """Dataset and (for MTT) random experts, then a function that builds our method: (step, info)."""
     from mim4dd_fast.methods.registry import build_method, resolve
 
     dataset = random_dataset(n_per_class=shapes.n_per_class, size=shapes.image_size, seed=seed)
-    config = {**row.config, "width": shapes.width}
+    config = {**row.config, "width": shapes.width, "precision": precision}
     if shapes.batch_real is not None and "batch_real" in config:
         config["batch_real"] = shapes.batch_real
     spec = resolve(row.method).spec
@@ -483,10 +483,11 @@ def measure(make, repeats: int = 3) -> dict[str, Any]:
 
 
 def measure_row(row: Row, shapes: Shapes = Shapes(), repeats: int = 3, seed: int = 0, side: str = "ours",
-                repo: str | None = None) -> dict[str, Any]:
-    """Measure one side of one row in this process (call it in a fresh process for a per-row peak RSS)."""
+                repo: str | None = None, precision: str = "fp32") -> dict[str, Any]:
+    """Measure one side of one row in this process (call it in a fresh process for a per-row peak RSS).
+    ``precision`` is our method's setting (the original always runs float32)."""
     if side == "ours":
-        make = build_ours(row, shapes, seed)
+        make = build_ours(row, shapes, seed, precision)
     else:
         if repo is None:
             raise ValueError("the original side needs its checkout")
@@ -562,7 +563,8 @@ def estimate_seconds(row: Row, repeats: int, with_original: bool) -> float:
 def run_worker(row: Row, side: str, args) -> dict[str, Any]:
     """Measure one side of ``row`` in a fresh Python process; returns its JSON (or an ``error`` entry)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", row.name, "--side", side,
-           "--repeats", str(args.repeats), "--threads", str(args.threads), "--seed", str(args.seed)]
+           "--repeats", str(args.repeats), "--threads", str(args.threads), "--seed", str(args.seed),
+           "--precision", args.precision]
     repo = repo_for(row, args)
     if side == "original" and repo is not None:
         cmd += [f"--{row.repo_kind}-repo", repo]
@@ -626,10 +628,11 @@ def _fmt_figure(name: str, s: dict[str, Any] | None) -> str:
     return f"{mib(v)} MiB"
 
 
-def table(results: list[dict[str, Any]], shapes: Shapes, threads: int, rounds: int):
+def table(results: list[dict[str, Any]], shapes: Shapes, threads: int, rounds: int, precision: str = "fp32"):
     from rich.table import Table
 
-    title = (f"Ours vs the original code, {threads} threads, median of {rounds} round(s) of fresh processes, "
+    title = (f"Ours ({precision}) vs the original code (fp32), {threads} threads, median of {rounds} round(s) of "
+             f"fresh processes, "
              f"{'reference setting' if shapes.is_reference_setting else 'SMOKE shapes: ratios not meaningful'}")
     t = Table(title=title, show_lines=False)
     for col, just in (("row", "left"), ("setting", "left"), ("figure", "left"), ("ours", "right"),
@@ -663,6 +666,8 @@ def build_parser() -> Parser:
     p.add_argument("--rounds", type=int, default=2, help="fresh processes per side and row, interleaved (median)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in every process (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="our methods' precision setting (the original always runs float32); default fp32")
     p.add_argument("--json", default=None, help="write every measurement and the summary as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (8x8 images, width 16): checks the script runs")
     p.add_argument("--list", action="store_true", help="list the selected rows with a time estimate and exit")
@@ -706,7 +711,8 @@ def _main(argv: list[str] | None) -> int:
         torch.set_num_threads(args.threads)
         warnings.filterwarnings("ignore", category=UserWarning)  # their align_corners / meshgrid notices
         row = ROWS[args.worker]
-        print(json.dumps(measure_row(row, shapes, args.repeats, args.seed, args.side, repo_for(row, args))))
+        print(json.dumps(measure_row(row, shapes, args.repeats, args.seed, args.side, repo_for(row, args),
+                                     args.precision)))
         return 0
 
     from rich.console import Console
@@ -752,7 +758,7 @@ def _main(argv: list[str] | None) -> int:
         results.append({"row": row.name, "setting": row.setting, "method": row.method, "ipc": row.ipc,
                         "label": row.label, "ours": ours, "original": original_runs, "ours_summary": ours_summary,
                         "original_summary": orig, "ours_over_original": rat})
-    console.print(table(results, shapes, args.threads, args.rounds))
+    console.print(table(results, shapes, args.threads, args.rounds, args.precision))
     if any(m.get("theta_store_bytes") for r in results for m in r["ours"]):
         console.print("The checkpointed unroll also keeps one flat parameter vector per student step (not saved "
                       "for backward, so not in that figure): (syn_steps + 1) x parameters x 4 bytes.")
@@ -769,7 +775,8 @@ def _main(argv: list[str] | None) -> int:
         atomic_write_json(args.json, {"environment": environment("cpu") | {"threads": args.threads},
                                       "command": ["python", "bench/baselines.py", *(argv or sys.argv[1:])],
                                       "originals": originals, "shapes": vars(shapes), "smoke": args.smoke,
-                                      "repeats": args.repeats, "rounds": args.rounds, "rows": results})
+                                      "repeats": args.repeats, "rounds": args.rounds, "precision": args.precision,
+                                      "rows": results})
     failed = any("error" in m for r in results for m in [*r["ours"], *r["original"]])
     return 1 if failed else 0
 
