@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import require
+from ..models import chunks
+from ..precision import autocast
+from ..precision import check as check_precision
 from .base import ConvNetSettings
 from .fresh_net import FreshNetMethod
 from .spec import MethodSpec
@@ -63,10 +66,14 @@ class DCConfig(ConvNetSettings):
     dsa: bool = True
     dis_metric: str = "ours"  # ours | mse | cos
     include_1d: bool = False  # "ours" only: also match bias / norm gradients (the original ignores them)
+    # Synthetic side of all classes in one vmapped pass (torch.func) instead of one pass per class; same loss.
+    class_batch: bool = False
     width: int = 128
     depth: int | None = None  # None: models.default_depth(image_size)
+    precision: str = "fp32"  # "bf16": the real-side gradient under bfloat16 autocast (mim4dd_fast.precision)
 
     def validate(self) -> None:
+        check_precision(self.precision, "DC")
         require(self.outer_loop is None or _is_int(self.outer_loop, 1),
                 f"DC outer_loop must be at least 1 (or unset for the IPC table), got {self.outer_loop!r}.")
         require(self.inner_loop is None or _is_int(self.inner_loop, 0),
@@ -79,6 +86,7 @@ class DCConfig(ConvNetSettings):
                 f"DC momentum_img must be in [0, 1), got {self.momentum_img!r}.")
         require(self.dis_metric in METRICS,
                 f"Unknown DC dis_metric {self.dis_metric!r}; choose one of {', '.join(METRICS)}.")
+        require(isinstance(self.class_batch, bool), f"DC class_batch must be true or false, got {self.class_batch!r}.")
         require(_is_int(self.width, 1), f"DC width must be at least 1, got {self.width!r}.")
         require(self.depth is None or _is_int(self.depth, 1),
                 f"DC depth must be at least 1 (or unset for the default), got {self.depth!r}.")
@@ -86,6 +94,40 @@ class DCConfig(ConvNetSettings):
     def loops(self, ipc: int) -> tuple[int, int]:
         outer, inner = default_loops(ipc)
         return (self.outer_loop or outer, inner if self.inner_loop is None else self.inner_loop)
+
+
+def mean_ce_grad(net: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, precision: str = "fp32") -> list[Tensor]:
+    """d mean cross-entropy(net(x), y) / d params, in cache-sized chunks (``models.chunks``) with one chunk's
+    graph alive at a time: the sum of the chunks' gradients of the summed loss, divided by the batch size.
+    "bf16": each chunk's forward under bfloat16 autocast (loss and gradients float32)."""
+    total: list[Tensor] | None = None
+    for a, b in chunks(net, x):
+        with autocast(precision, x.device):
+            loss = F.cross_entropy(net(x[a:b]), y[a:b], reduction="sum")
+        loss = loss / x.shape[0]  # cross-entropy is float32 under autocast
+        grads = torch.autograd.grad(loss, params)
+        total = list(grads) if total is None else [t.add_(g) for t, g in zip(total, grads, strict=True)]
+    assert total is not None
+    return total
+
+
+def class_grads(net: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
+    """Per-class gradients of the mean cross-entropy for all classes in one pass: ``x`` [K, n, ...] and ``y`` [K, n]
+    hold K classes' batches; returns each parameter's gradients stacked [K, *shape] (``named_parameters`` order).
+
+    ``torch.func.vmap`` over ``grad`` of a ``functional_call``: the classes' forward and backward run as one
+    batched computation, and the result stays differentiable in ``x`` (the matching loss backpropagates
+    through it to the images) exactly as the per-class ``autograd.grad(..., create_graph=True)`` loop.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    names = [name for name, _ in net.named_parameters()]
+
+    def mean_ce(params: dict[str, Tensor], xc: Tensor, yc: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(net, params, (xc,)), yc)
+
+    grads = vmap(grad(mean_ce), in_dims=(None, 0, 0))(dict(net.named_parameters()), x, y)
+    return [grads[name] for name in names]
 
 
 def _layer_distance(gws: Tensor, gwr: Tensor) -> Tensor:
@@ -160,7 +202,8 @@ class DC(FreshNetMethod):
         numbers (identical streams); a class's work is done by the rank that owns it.
         """
         cfg, ipc = self.config, self.ipc
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros((), dtype=self.images.dtype, device=self.device)
+        batched: list[tuple[Tensor, Tensor, list[Tensor]]] = []  # class_batch: (x_syn, y_syn, gw_real) per class
         for c in range(self.dataset.num_classes):
             x_real, y_real = self.sample_real(cfg.batch_real, [c])
             seed = self.draw_seed() if self._dsa is not None else None
@@ -169,10 +212,20 @@ class DC(FreshNetMethod):
             x_syn = self.images[c * ipc : (c + 1) * ipc]
             if seed is not None:
                 x_real, x_syn = self._dsa(x_real, seed=seed), self._dsa(x_syn, seed=seed)
-            gw_real = torch.autograd.grad(F.cross_entropy(net(x_real), y_real), params)
+            gw_real = mean_ce_grad(net, params, x_real, y_real, cfg.precision)
             y_syn = self.labels[c * ipc : (c + 1) * ipc]
+            if cfg.class_batch:
+                batched.append((x_syn, y_syn, gw_real))
+                continue
             gw_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), params, create_graph=True)
-            dist = match_distance(gw_syn, [g.detach() for g in gw_real], cfg.dis_metric, cfg.include_1d)
+            dist = match_distance(gw_syn, gw_real, cfg.dis_metric, cfg.include_1d)
+            dist.backward(inputs=[self.images])
+            total += dist.detach()
+        if batched:  # every owned class's synthetic gradients in one vmapped pass, one backward into the images
+            xs, ys, reals = zip(*batched, strict=True)
+            gw_syn = class_grads(net, torch.stack(xs), torch.stack(ys))
+            dist = sum(match_distance([g[i] for g in gw_syn], reals[i], cfg.dis_metric, cfg.include_1d)
+                       for i in range(len(reals)))
             dist.backward(inputs=[self.images])
             total += dist.detach()
         return float(self.shard.sum(total, "the DC loss sum"))
@@ -189,9 +242,10 @@ class DC(FreshNetMethod):
                 xb = x_all[idx]
                 if self._dsa is not None:
                     xb = self._dsa(xb, generator=self.generator)  # per-image parameters, as the original
-                loss = F.cross_entropy(net(xb), y_all[idx])
                 net_opt.zero_grad(set_to_none=True)
-                loss.backward()
+                yb = y_all[idx]
+                for a, b in chunks(net, xb):  # chunk gradients of the summed loss add up to the mean's
+                    (F.cross_entropy(net(xb[a:b]), yb[a:b], reduction="sum") / xb.shape[0]).backward()
                 net_opt.step()
 
 

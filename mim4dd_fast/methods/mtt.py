@@ -22,7 +22,8 @@ The gradient flows back through the whole unroll. Two exact ways to get it:
       a_k     = a_{k+1} - lr * (dg_k/dtheta_k)^T a_{k+1}        (a vector-Hessian product)
 
   Only one step's graph is alive at a time, so activation memory is flat in syn_steps (the last
-  step's graph is kept from the forward pass rather than recomputed). This is the exact gradient
+  step's graph is kept from the forward pass rather than recomputed); a recomputed step is walked in
+  cache-sized chunks of its minibatch (``models.chunks``), one chunk's graph alive at a time. This is the exact gradient
   (equal to ``full`` up to rounding), not TESLA's approximation.
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -43,7 +45,9 @@ from ..data import Dataset
 from ..distributed import SINGLE, Dist
 from ..errors import ConfigError, NonFiniteError
 from ..experts import epochs_needed
-from ..models import build_model, functional_forward
+from ..models import build_model, chunks, functional_forward
+from ..precision import autocast
+from ..precision import check as check_precision
 from .base import AuxTerm, ConvNetSettings, DistillMethod
 from .shard import Part, Shard
 from .spec import ExpertPlan, MethodSpec
@@ -67,8 +71,10 @@ class MTTConfig(ConvNetSettings):
     momentum: float = 0.5  # momentum of both outer optimizers
     width: int = 128  # ConvNet width (must match the experts)
     depth: int | None = None  # ConvNet depth; None = the dataset's default depth
+    precision: str = "fp32"  # "bf16": the student unroll under bfloat16 autocast (mim4dd_fast.precision)
 
     def validate(self) -> None:
+        check_precision(self.precision, "MTT")
         require(self.syn_steps >= 1, f"syn_steps must be at least 1, got {self.syn_steps}.")
         require(self.expert_epochs >= 1, f"expert_epochs must be at least 1, got {self.expert_epochs}.")
         require(self.max_start_epoch >= 1, f"max_start_epoch must be at least 1, got {self.max_start_epoch}.")
@@ -100,24 +106,43 @@ def augment_step(x: Tensor, seed: int | None, rows: Tensor | None = None, full_b
     return dsa(x, generator=torch.Generator().manual_seed(int(seed)), rows=rows, full_batch=full_batch)
 
 
-def _step_grad(model: nn.Module, theta: Tensor, images: Tensor, labels: Tensor, batch: Batch,
-               create_graph: bool, part: Part | None = None) -> Tensor:
-    """g_k = d CE(student(theta; aug(X[idx])), y[idx]) / d theta.
+def _chunk_losses(model: nn.Module, theta: Tensor, images: Tensor, labels: Tensor, batch: Batch,
+                  part: Part | None = None, precision: str = "fp32") -> Iterator[Tensor]:
+    """Step k's loss CE(student(theta; aug(X[idx])), y[idx]) in parts that sum to it, one at a time.
 
-    With ``part``, only that share of the minibatch contributes, scaled by 1 / (full minibatch size):
-    the ranks' parts sum to the full g_k (cross-entropy is a mean over independent samples).
+    The parts are cache-sized chunks of the minibatch (``models.chunks``; one chunk for a small
+    minibatch or on GPU), each its summed cross-entropy divided by the full minibatch size, augmented
+    exactly as inside the full minibatch. With ``part`` (data parallel), only that share of the minibatch
+    is chunked; the ranks' parts sum to the full loss. ``precision`` "bf16": the forward under bfloat16
+    autocast (the loss itself is float32, the backward passes follow the forward's dtypes).
     """
     idx, seed = batch
-    if part is None:
-        x = augment_step(images[idx], seed)
-        loss = F.cross_entropy(functional_forward(model, theta, x), labels[idx])
-    else:
-        start, stop = part
-        sub = idx[start:stop]
-        rows = torch.arange(start, stop)
-        x = augment_step(images[sub], seed, rows=rows, full_batch=idx.numel())
-        loss = F.cross_entropy(functional_forward(model, theta, x), labels[sub], reduction="sum") / idx.numel()
-    return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+    n = idx.numel()
+    start, stop = part if part is not None else (0, n)
+    sub = idx[start:stop]
+    for a, b in chunks(model, images, rows=stop - start):
+        x = images[sub[a:b]]  # indexed per chunk: no graph node shared by the chunks
+        if part is None and (a, b) == (0, n):
+            x = augment_step(x, seed)
+        else:
+            x = augment_step(x, seed, rows=torch.arange(start + a, start + b), full_batch=n)
+        with autocast(precision, x.device):
+            loss = F.cross_entropy(functional_forward(model, theta, x), labels[sub[a:b]], reduction="sum")
+        yield loss / n  # cross-entropy is float32 under autocast
+
+
+def _step_grad(model: nn.Module, theta: Tensor, images: Tensor, labels: Tensor, batch: Batch,
+               create_graph: bool, part: Part | None = None, precision: str = "fp32") -> Tensor:
+    """g_k = d CE(student(theta; aug(X[idx])), y[idx]) / d theta, summed over ``_chunk_losses``.
+
+    With ``part``, only that share of the minibatch contributes (the ranks' g_k parts sum to g_k).
+    """
+    g: Tensor | None = None
+    for loss in _chunk_losses(model, theta, images, labels, batch, part, precision):
+        gc = torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+        g = gc if g is None else (g + gc if create_graph else g.add_(gc))
+    assert g is not None
+    return g
 
 
 def match_loss(theta_n: Tensor, start: Tensor, target: Tensor) -> Tensor:
@@ -126,7 +151,8 @@ def match_loss(theta_n: Tensor, start: Tensor, target: Tensor) -> Tensor:
 
 
 def unroll_full(model: nn.Module, start: Tensor, target: Tensor, images: Tensor, labels: Tensor,
-                syn_lr: Tensor, batches: list[Batch], shard: Shard | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                syn_lr: Tensor, batches: list[Batch], shard: Shard | None = None,
+                precision: str = "fp32") -> tuple[Tensor, Tensor, Tensor]:
     """The original: one graph over all steps. Returns (loss, dL/dimages, dL/dsyn_lr).
 
     One process only (``shard`` is accepted for a uniform signature; data-parallel MTT is checkpointed).
@@ -134,7 +160,8 @@ def unroll_full(model: nn.Module, start: Tensor, target: Tensor, images: Tensor,
     with torch.enable_grad():
         theta = start.detach().requires_grad_(True)
         for batch in batches:
-            theta = theta - syn_lr * _step_grad(model, theta, images, labels, batch, create_graph=True)
+            theta = theta - syn_lr * _step_grad(model, theta, images, labels, batch, create_graph=True,
+                                                precision=precision)
         loss = match_loss(theta, start, target)
         g_img, g_lr = torch.autograd.grad(loss, [images, syn_lr], allow_unused=True)
     g_img = torch.zeros_like(images) if g_img is None else g_img
@@ -143,7 +170,7 @@ def unroll_full(model: nn.Module, start: Tensor, target: Tensor, images: Tensor,
 
 
 def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images: Tensor, labels: Tensor,
-                        syn_lr: Tensor, batches: list[Batch], shard: Shard | None = None
+                        syn_lr: Tensor, batches: list[Batch], shard: Shard | None = None, precision: str = "fp32"
                         ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact gradient with one step's graph alive at a time (see the module docstring).
 
@@ -166,7 +193,7 @@ def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images:
         for k, batch in enumerate(batches):  # forward: store theta_k only
             theta = thetas[k].detach().requires_grad_(True)
             last = k == n - 1  # the last step keeps its graph: the backward pass starts with it
-            g = _step_grad(model, theta, x, labels, batch, create_graph=last, part=parts[k])
+            g = _step_grad(model, theta, x, labels, batch, create_graph=last, part=parts[k], precision=precision)
             theta_n = theta.detach() - lr * shard.sum(g.detach(), "the unroll's gradient sum")
             if not last:
                 thetas[k + 1] = theta_n
@@ -176,14 +203,24 @@ def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images:
         g_img = torch.zeros_like(x)
         g_lr = torch.zeros((), dtype=lr.dtype, device=lr.device)
         for k in range(n - 1, -1, -1):  # backward: one step at a time, newest first
-            if k < n - 1:  # recompute step k with its graph
+            if k == n - 1:  # the last step's graph is still alive
+                g_lr -= torch.dot(adj, g.detach())
+                h_theta, h_x = torch.autograd.grad(g, [theta, x], grad_outputs=adj)
+                g = None
+            else:  # recompute step k chunk by chunk: one chunk's graph alive at a time
                 theta = thetas[k].detach().requires_grad_(True)
-                g = _step_grad(model, theta, x, labels, batches[k], create_graph=True, part=parts[k])
-            g_lr -= torch.dot(adj, g.detach())
-            h_theta, h_x = torch.autograd.grad(g, [theta, x], grad_outputs=adj)
+                h_theta = torch.zeros_like(adj)
+                h_x = torch.zeros_like(x)
+                for part_loss in _chunk_losses(model, theta, x, labels, batches[k], parts[k], precision):
+                    gc = torch.autograd.grad(part_loss, theta, create_graph=True)[0]
+                    g_lr -= torch.dot(adj, gc.detach())
+                    ht, hx = torch.autograd.grad(gc, [theta, x], grad_outputs=adj)
+                    h_theta += ht
+                    h_x += hx
+                    gc = ht = hx = None
             g_img -= lr * h_x
             adj = adj - lr * shard.sum(h_theta, "the unroll's adjoint sum")
-            g = h_theta = h_x = None
+            h_theta = h_x = None
     if shard.enabled:  # the image and step-size gradients: one all-reduce for both
         flat = shard.sum(torch.cat([g_img.reshape(-1), g_lr.reshape(1)]), "the image gradient sum")
         g_img, g_lr = flat[:-1].view_as(g_img), flat[-1]
@@ -316,7 +353,7 @@ class MTT(DistillMethod):
         start = traj[t].to(self.device, self.images.dtype)
         target = traj[t + cfg.expert_epochs].to(self.device, self.images.dtype)
         loss, g_img, g_lr = UNROLLS[cfg.unroll](self.model, start, target, self.images, self.labels, self.syn_lr,
-                                                self._plan(), shard=self.shard)
+                                                self._plan(), shard=self.shard, precision=cfg.precision)
         if not math.isfinite(float(loss)):
             raise self._diverged(self._good, "loss", blame_lr=not _finite(self.syn_lr.detach()))
         self.opt_img.zero_grad(set_to_none=True)
