@@ -656,6 +656,34 @@ def table(results: list[dict[str, Any]], shapes: Shapes, threads: int, rounds: i
     return t
 
 
+def markdown(data: dict[str, Any]) -> str:
+    """The rows of a saved ``--json`` as a Markdown table (docs/benchmarks.md is rendered with this)."""
+    def ratio(r: dict[str, Any], name: str) -> str:
+        x = r["ours_over_original"].get(name, math.nan)
+        return "-" if x is None or not math.isfinite(x) else f"**{x:.2f}x**" if name.endswith("s_per_iter") else \
+            f"{x:.2f}x"
+
+    def fig(s: dict[str, Any] | None, name: str) -> str:
+        if s is None or name not in s:
+            return "-"
+        if name in ("s_per_iter", "cpu_s_per_iter"):
+            lo, hi = s[f"{name}_range"] if f"{name}_range" in s else (s[name], s[name])
+            return _fmt_s(s[name]) if lo == hi else f"{_fmt_s(s[name])} ({_fmt_s(lo)}-{_fmt_s(hi)})"
+        return _fmt_gflop(s[name]) if name == "gflop" else f"{mib(s[name])} MiB"
+
+    head = ("| row | wall s/iter ours | original | ours/orig | CPU s/iter ours | original | ours/orig "
+            "| saved for backward ours / orig | peak RSS rise ours / orig | GFLOP ours/orig |")
+    lines = [head, "|" + "---|" * 10]
+    for r in data["rows"]:
+        o, g = r["ours_summary"], r["original_summary"]
+        lines.append(f"| {r['row']} ({r['label']}) | {fig(o, 's_per_iter')} | {fig(g, 's_per_iter')} | "
+                     f"{ratio(r, 's_per_iter')} | {fig(o, 'cpu_s_per_iter')} | {fig(g, 'cpu_s_per_iter')} | "
+                     f"{ratio(r, 'cpu_s_per_iter')} | {fig(o, 'saved_for_backward')} / {fig(g, 'saved_for_backward')}"
+                     f" = {ratio(r, 'saved_for_backward')} | {fig(o, 'peak_rss_rise')} / {fig(g, 'peak_rss_rise')} = "
+                     f"{ratio(r, 'peak_rss_rise')} | {ratio(r, 'gflop')} |")
+    return "\n".join(lines)
+
+
 def build_parser() -> Parser:
     p = Parser(prog="bench/baselines.py", description="Our DC/DM/MTT beside the original code, on this machine.")
     p.add_argument("--mtt-repo", default=None, help="a checkout of GeorgeCazenavette/mtt-distillation (MTT rows)")
@@ -671,6 +699,7 @@ def build_parser() -> Parser:
     p.add_argument("--json", default=None, help="write every measurement and the summary as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (8x8 images, width 16): checks the script runs")
     p.add_argument("--list", action="store_true", help="list the selected rows with a time estimate and exit")
+    p.add_argument("--render", default=None, help="print the Markdown table of a saved --json file and exit")
     p.add_argument("--worker", default=None, help="internal: measure one row in this process, print JSON")
     p.add_argument("--side", default="ours", choices=("ours", "original"), help="internal: which code --worker runs")
     return p
@@ -704,6 +733,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse(argv)
+    if args.render is not None:
+        from mim4dd_fast.errors import UserError
+
+        try:
+            print(markdown(json.loads(Path(args.render).read_text())))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"--render {args.render} is not a bench/baselines.py JSON file ({exc}).") from None
+        return 0
     shapes = SMOKE if args.smoke else Shapes()
     if args.worker is not None:
         import torch

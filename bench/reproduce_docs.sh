@@ -21,7 +21,18 @@ NAME=kernels_crossover step $PY bench/kernels.py crossover --device cpu --sizes 
 NAME=tap step $PY bench/kernels.py tap --repeats 3 --json $OUT/tap.json
 NAME=ablate step $PY bench/ablate.py --workers 2 --out $OUT/ablation
 NAME=complexity step $PY bench/complexity.py --out $OUT/complexity --json $OUT/complexity.json
-NAME=baselines_quiet step $PY bench/baselines.py --rows 'mtt1_s10_full,mtt1_s10_ckpt,mtt1_s20_full,mtt1_s20_ckpt,dc1,dm1,dm10' --repeats 1 --json $OUT/baselines_quiet.json
+# Ours beside the original code: give your checkouts of GeorgeCazenavette/mtt-distillation and
+# VICO-UoE/DatasetCondensation (their code is imported, never copied; without them the original's
+# column is the typed-in "other machine" fallback and no seconds are compared).
+REPOS=()
+[ -n "${MTT_REPO:-}" ] && REPOS+=(--mtt-repo "$MTT_REPO")
+[ -n "${DC_REPO:-}" ] && REPOS+=(--dc-repo "$DC_REPO")
+NAME=baselines_side_by_side step $PY bench/baselines.py "${REPOS[@]}" --skip 'dc10,mtt10_s30_*' --rounds 2 --repeats 3 --json $OUT/baselines_side_by_side.json
+NAME=baselines_mtt10_s30 step $PY bench/baselines.py "${REPOS[@]}" --rows 'mtt10_s30_*' --rounds 2 --repeats 1 --json $OUT/baselines_mtt10_s30.json
+NAME=baselines_dc10 step $PY bench/baselines.py "${REPOS[@]}" --rows dc10 --rounds 2 --repeats 1 --json $OUT/baselines_dc10.json
+NAME=baselines_bf16 step $PY bench/baselines.py "${REPOS[@]}" --precision bf16 --skip 'dc10,mtt10_s30_*' --rounds 2 --repeats 3 --json $OUT/baselines_bf16.json
+NAME=precision_digits step $PY bench/precision.py --methods dc,dm,mtt --dataset digits --seeds 5 --json $OUT/precision_digits.json
+NAME=precision_mnist5k step $PY bench/precision.py --methods dc,dm,mtt --dataset mnist5k --seeds 3 --json $OUT/precision_mnist5k.json
 # docs/scaling.md: torchrun (2 processes, gloo) vs one process
 NAME=scaling_experts step $PY bench/scaling.py --repeats 5 --json $OUT/scaling.json
 NAME=scaling_distill step $PY bench/scaling_distill.py --json $OUT/scaling_distill_mim4dd_dm.json

@@ -239,6 +239,10 @@ def test_side_by_side_run_writes_both_sides_and_their_ratio(repos, tmp_path, cap
         ours["s_per_iter_median"] / orig["s_per_iter_median"])
     assert data["originals"]["dc"]["commit"] is None and "mtt" not in data["originals"]
     assert "other machine" not in capsys.readouterr().out
+    assert bl.main(["--render", str(out)]) == 0  # the Markdown table of docs/benchmarks.md
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| row |") and table[2].startswith("| dm1 (256 real/class) |")
+    assert f"**{row['ours_over_original']['s_per_iter']:.2f}x**" in table[2]
 
 
 def test_without_a_checkout_the_reference_is_labelled_other_machine_and_seconds_are_not_divided(
@@ -291,7 +295,9 @@ def test_bad_flags_and_checkouts_exit_2_with_one_sentence(repos, tmp_path, capsy
     assert bl.main(["--repeats", "0"]) == 2
     assert bl.main(["--mtt-repo", str(tmp_path / "missing")]) == 2
     assert bl.main(["--mtt-repo", str(repos.dc)]) == 2  # DatasetCondensation has no reparam_module.py
+    assert bl.main(["--render", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
     assert "No row matches 'nosuch'" in err and "--repeats must be at least 1" in err
     assert "is not a folder" in err and "has no reparam_module.py" in err
     assert "GeorgeCazenavette/mtt-distillation" in err and "Traceback" not in err
+    assert "is not a bench/baselines.py JSON file" in err
