@@ -165,7 +165,7 @@ def build_settings(mapping: dict[str, Any]) -> Settings:
                                  what=f"{choice.spec.name} setting")
     mim = None
     if choice.with_term:
-        mim = from_mapping(MIMConfig, mapping.get("mim"), what="mim setting")
+        mim = from_mapping(MIMConfig, {**choice.spec.mim_defaults, **(mapping.get("mim") or {})}, what="mim setting")
     elif mapping.get("mim"):
         raise ConfigError(f"A [mim] table was given but method {run.method!r} has no MIM term; "
                           f"use '{choice.spec.name}+mim'.")

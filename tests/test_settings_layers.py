@@ -101,3 +101,16 @@ def test_small_resnet18_scales_every_stage():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert full.classifier.in_features == 512 and small.classifier.in_features == 128
     assert 14 < count(full) / count(small) < 17  # conv weights scale with width^2
+
+
+def test_method_mim_defaults_sit_below_every_layer(tmp_path):
+    """mtt+mim's lambda default is the study's choice (3, MethodSpec.mim_defaults); DC/DM keep MIMConfig's 0.1;
+    a preset, a --config file and --set all beat it."""
+    assert MIMConfig().lam == 0.1
+    assert build_settings({"method": "mim4dd"}).mim.lam == 3.0
+    assert build_settings({"method": "mtt+mim"}).mim.lam == 3.0
+    assert build_settings({"method": "dc+mim"}).mim.lam == 0.1 and build_settings({"method": "dm+mim"}).mim.lam == 0.1
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[mim]\nlam = 0.5\n")
+    assert resolve_settings(read_toml(cfg), {"method": "mim4dd"}, {})[1].mim.lam == 0.5
+    assert resolve_settings({}, {"method": "mim4dd"}, parse_overrides(["mim.lam=0"]))[1].mim.lam == 0.0

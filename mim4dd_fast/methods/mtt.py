@@ -410,4 +410,6 @@ def _expert_plan(config: MTTConfig, dataset: Dataset) -> ExpertPlan:
 
 SPEC = MethodSpec(name="mtt", config_class=MTTConfig, build=MTT, expert_plan=_expert_plan, learns_step_size=True,
                   preset_prefix="mtt", aliases={"mim4dd": "mtt+mim"},
+                  # lambda = 3: the study's choice on validation (docs/results.md section 2, lambda)
+                  mim_defaults={"lam": 3.0},
                   summary="trajectory matching (Cazenavette et al., CVPR 2022); mim4dd = mtt+mim (the paper)")

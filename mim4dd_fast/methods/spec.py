@@ -39,6 +39,9 @@ class MethodSpec:
     learns_step_size: bool = False
     preset_prefix: str | None = None
     aliases: dict[str, str] = field(default_factory=dict)  # e.g. {"mim4dd": "mtt+mim"}
+    # The MIM term's defaults for this method where the study chose them on validation (docs/results.md);
+    # below a preset, --config and flags, above MIMConfig's own defaults.
+    mim_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def needs_experts(self) -> bool:
