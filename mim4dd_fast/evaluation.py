@@ -10,7 +10,8 @@ untouched.
 The nets are trained together (``models.StackedNets``: one grouped net, one forward/backward per step
 for all of them), each with its own initialisation, shuffling and DSA draws from its own seed, so the
 result is the one-by-one result up to float summation order (``nets_per_pass = 1`` runs the
-one-by-one reference, ``train_net``).
+one-by-one reference, ``train_net``). By default (``nets_per_pass = 0``) CPU stacks only small minibatches
+(``auto_nets_per_pass``), where it is faster.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class EvalConfig(Validated):
     ``model`` is the evaluation architecture (cross-architecture evaluation): ``convnet`` (default),
     ``mlp``, ``lenet`` or ``resnet18`` (BatchNorm); ``width`` is the ConvNet's width and the MLP's
     hidden units, ``depth`` the ConvNet's depth. ``nets_per_pass`` is how many nets train together
-    in one grouped net (0 = all nets of this process at once, 1 = one by one); it changes speed and
+    in one grouped net (0 = auto: all nets of this process at once, except one by one on CPU for
+    minibatches above ``STACK_MAX_IMAGES_CPU`` images; 1 = one by one); it changes speed and
     memory, not results (beyond float summation order).
     """
 
@@ -85,7 +87,7 @@ class EvalConfig(Validated):
         require(_is_int(self.resnet_width) and self.resnet_width >= 1,
                 f"eval resnet_width must be an integer of at least 1, got {self.resnet_width!r}.")
         require(_is_int(self.nets_per_pass) and self.nets_per_pass >= 0,
-                f"eval nets_per_pass must be an integer >= 0 (0 = all at once), got {self.nets_per_pass!r}.")
+                f"eval nets_per_pass must be an integer >= 0 (0 = auto), got {self.nets_per_pass!r}.")
 
 
 def _is_int(v: object) -> bool:
@@ -324,11 +326,13 @@ def _accuracies(
     first split's accuracy."""
     for split in splits:
         split_tensors(dataset, split)  # fail before training, not after
-    per_pass = cfg.nets_per_pass or max(1, len(indices))
+    made = {indices[0]: make_set(indices[0])} if indices else {}
+    per_pass = cfg.nets_per_pass or auto_nets_per_pass(
+        len(indices), len(made[indices[0]][0]) if indices else 0, cfg.batch_size, device)
     out: list[tuple[int, dict[str, float]]] = []
     for first in range(0, len(indices), per_pass):
         chunk = indices[first : first + per_pass]
-        sets = [make_set(i) for i in chunk]
+        sets = [made.pop(i) if i in made else make_set(i) for i in chunk]
         accs: list[dict[str, float]] | None = None
         if per_pass > 1:
             try:
@@ -346,6 +350,22 @@ def _accuracies(
             if progress is not None:
                 progress(i, acc[splits[0]])
     return out
+
+
+# On CPU a stack of nets trains as grouped convolutions, which oneDNN runs well only for small minibatches:
+# 5 ConvNets on digits, stacked vs one by one, 1.27x at 10 images per net, 1.07x at 20, 0.98x at 30,
+# 0.90x at 50, 0.71x at 100 (bench/evaluation.py, docs/benchmarks.md "Batched evaluation"). Above this
+# many images per minibatch the default (nets_per_pass = 0) trains the nets one by one on CPU;
+# accelerators always stack.
+STACK_MAX_IMAGES_CPU = 20
+
+
+def auto_nets_per_pass(n_nets: int, n_images: int, batch_size: int, device: str | torch.device) -> int:
+    """How many nets train together when ``nets_per_pass`` is 0 (auto): all of them, except on CPU when each
+    net's minibatch (``min(n_images, batch_size)``) is above ``STACK_MAX_IMAGES_CPU``: then one by one."""
+    if torch.device(device).type == "cpu" and min(n_images, batch_size) > STACK_MAX_IMAGES_CPU:
+        return 1
+    return max(1, n_nets)
 
 
 def _gathered_summaries(mine: list[tuple[int, dict[str, float]]], splits: tuple[str, ...], dist: Dist,

@@ -341,3 +341,25 @@ def test_several_splits_come_from_the_same_nets(digits):
     both = evaluate_splits(x, y, digits, TINY, splits=("val", "test"), seed=3)
     assert both["val"] == evaluate_synthetic(x, y, digits, TINY, seed=3, split="val")
     assert both["test"] == evaluate_synthetic(x, y, digits, TINY, seed=3, split="test")
+
+
+def test_cpu_stacks_nets_only_for_small_minibatches(digits, monkeypatch):
+    """nets_per_pass = 0 (auto): every net at once, except on CPU above STACK_MAX_IMAGES_CPU images per
+    minibatch, where grouped convolutions were measured slower than one by one; an explicit value wins."""
+    limit = ev.STACK_MAX_IMAGES_CPU
+    assert ev.auto_nets_per_pass(5, limit, 256, "cpu") == 5
+    assert ev.auto_nets_per_pass(5, limit + 1, 256, "cpu") == 1
+    assert ev.auto_nets_per_pass(5, 10 * limit, limit, "cpu") == 5  # the minibatch, not the set, decides
+    assert ev.auto_nets_per_pass(5, 10 * limit, 256, "cuda") == 5
+    calls: list[int] = []
+    real = ev.train_stacked
+    monkeypatch.setattr(ev, "train_stacked", lambda sets, *a, **k: calls.append(len(sets)) or real(sets, *a, **k))
+    x, y = random_subset(digits, limit // 10 + 1, seed=0)  # more images than the limit, one minibatch
+    auto = evaluate_synthetic(x, y, digits, TINY, seed=0)
+    assert calls == []
+    assert auto == evaluate_synthetic(x, y, digits, EvalConfig(**{**vars(TINY), "nets_per_pass": 1}), seed=0)
+    evaluate_synthetic(x, y, digits, EvalConfig(**{**vars(TINY), "nets_per_pass": 2}), seed=0)
+    assert calls == [2]
+    x, y = random_subset(digits, 1, seed=0)
+    evaluate_synthetic(x, y, digits, TINY, seed=0)
+    assert calls == [2, 2]
