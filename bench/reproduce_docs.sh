@@ -17,6 +17,7 @@ NAME=mim_overhead step $PY bench/compare.py --methods mtt,mim4dd,mtt+mim --datas
 NAME=unroll_ckpt step $PY bench/unroll.py --modes checkpointed --syn-steps 10 80 --ipc 10 --repeats 1 --json $OUT/unroll_ckpt.json
 NAME=unroll_full step $PY bench/unroll.py --modes full --syn-steps 10 40 --ipc 10 --repeats 1 --json $OUT/unroll_full.json
 NAME=kernels step $PY bench/kernels.py grid --device cpu --sizes 1024 4096 16384 --dims 128 --impls eager compile chunked --repeats 5 --json $OUT/kernels.json
+NAME=kernels_cpu step $PY bench/kernels.py grid --device cpu --sizes 16384 --dims 128 --impls eager chunked --repeats 3 --json $OUT/kernels_cpu.json
 NAME=kernels_crossover step $PY bench/kernels.py crossover --device cpu --sizes 128 256 512 1024 --dim 128 --repeats 7 --min-sample-s 0.3 --threads 1 --json $OUT/kernels_crossover.json
 NAME=tap step $PY bench/kernels.py tap --repeats 3 --json $OUT/tap.json
 NAME=ablate step $PY bench/ablate.py --workers 2 --out $OUT/ablation
@@ -27,12 +28,27 @@ NAME=complexity step $PY bench/complexity.py --out $OUT/complexity --json $OUT/c
 REPOS=()
 [ -n "${MTT_REPO:-}" ] && REPOS+=(--mtt-repo "$MTT_REPO")
 [ -n "${DC_REPO:-}" ] && REPOS+=(--dc-repo "$DC_REPO")
-NAME=baselines_side_by_side step $PY bench/baselines.py "${REPOS[@]}" --skip 'dc10,mtt10_s30_*' --rounds 2 --repeats 3 --json $OUT/baselines_side_by_side.json
-NAME=baselines_mtt10_s30 step $PY bench/baselines.py "${REPOS[@]}" --rows 'mtt10_s30_*' --rounds 2 --repeats 1 --json $OUT/baselines_mtt10_s30.json
-NAME=baselines_dc10 step $PY bench/baselines.py "${REPOS[@]}" --rows dc10 --rounds 2 --repeats 1 --json $OUT/baselines_dc10.json
-NAME=baselines_bf16 step $PY bench/baselines.py "${REPOS[@]}" --precision bf16 --skip 'dc10,mtt10_s30_*' --rounds 2 --repeats 3 --json $OUT/baselines_bf16.json
-NAME=precision_digits step $PY bench/precision.py --methods dc,dm,mtt --dataset digits --seeds 5 --json $OUT/precision_digits.json
-NAME=precision_mnist5k step $PY bench/precision.py --methods dc,dm,mtt --dataset mnist5k --seeds 3 --json $OUT/precision_mnist5k.json
+NAME=baselines_side_by_side step $PY bench/baselines.py "${REPOS[@]}" --rows 'mtt1_s10_full,mtt1_s10_ckpt,mtt1_s20_full,mtt10_s10_full,dc1,dm1,dm10' --rounds 2 --repeats 2 --json $OUT/baselines_side_by_side.json
+NAME=baselines_bf16 step $PY bench/baselines.py --precision bf16 --rows 'mtt1_s10_full,mtt10_s10_full,dc1,dm1,dm10' --rounds 1 --repeats 2 --json $OUT/baselines_bf16.json
+# the long rows (not in docs/benchmarks.md: about 15 and 55 minutes with the originals)
+# $PY bench/baselines.py "${REPOS[@]}" --rows 'mtt10_s30_*' --rounds 2 --repeats 1 --json $OUT/baselines_mtt10_s30.json
+# $PY bench/baselines.py "${REPOS[@]}" --rows dc10 --rounds 2 --repeats 1 --json $OUT/baselines_dc10.json
+NAME=precision_digits step $PY bench/precision.py --methods dc,dm,mtt --dataset digits --seeds 3 --json $OUT/precision_digits.json
+NAME=precision_mnist5k step $PY bench/precision.py --methods dc,dm,mtt --dataset mnist5k --seeds 3 --iterations 20 --json $OUT/precision_mnist5k.json
+# batched evaluation and experts vs one by one, the CPU crossover, and the torch.func alternative
+NAME=evaluation step $PY bench/evaluation.py --ipcs 1 10 --nets 5 --repeats 2 --json $OUT/evaluation.json
+NAME=evaluation_crossover step $PY bench/evaluation.py --ipcs 2 3 5 --nets 5 --repeats 2 --experts 0 --json $OUT/evaluation_crossover.json
+NAME=evaluation_vmap step $PY bench/evaluation.py --ipcs 1 10 --nets 5 --repeats 2 --experts 0 --vmap --json $OUT/evaluation_vmap.json
+# the main job against the code before this release: OLD=<an export of commit 6f97aea>, fresh caches, interleaved
+if [ -n "${OLD:-}" ]; then
+  for r in 1 2; do
+    rm -rf "$OUT/cache_old" "$OUT/cache_new"
+    NAME=compare_old_r$r step env MIM4DD_CACHE="$PWD/$OUT/cache_old" PYTHONPATH="$OLD" bash -c "cd '$OLD' && $PY bench/compare.py --methods mtt,mim4dd --json '$PWD/$OUT/compare_old_r$r.json'"
+    NAME=compare_new_seeds1_r$r step env MIM4DD_CACHE="$PWD/$OUT/cache_new" $PY bench/compare.py --methods mtt,mim4dd --seeds 1 --json $OUT/compare_new_seeds1_r$r.json
+  done
+fi
+# docs/results.md, docs/guidelines.md, docs/img/results/: the evidence study (about 80 min on 2 cores; resumable)
+NAME=study step $PY bench/study.py --workers 2 --out runs/study --report docs/results.md
 # docs/scaling.md: torchrun (2 processes, gloo) vs one process
 NAME=scaling_experts step $PY bench/scaling.py --repeats 5 --json $OUT/scaling.json
 NAME=scaling_distill step $PY bench/scaling_distill.py --json $OUT/scaling_distill_mim4dd_dm.json
