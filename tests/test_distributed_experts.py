@@ -132,8 +132,9 @@ def test_pending_records_of_other_settings_are_refused(crashed, tmp_path):
 def _stop_rank1_mid_run(tmp_path: Path, sig: signal.Signals, timeout: int) -> tuple[int, str, float, Path]:
     """Two ranks started directly (no torchrun); ``sig`` to rank 1 once both train; rank 0's (rc, stderr, wait)."""
     out = tmp_path / "experts"
-    # one expert per pass: rank 0 writes expert 0 while rank 1 still has experts 1 and 3 ahead of it
-    procs = launch_ranks(["experts", "--dataset", "digits", "--num-experts", 4, "--epochs", 3, "--width", 8,
+    # one expert per pass: rank 0 writes expert 0 while rank 1 still has experts 1 and 3 ahead of it; 20 epochs
+    # make an expert take long enough (~1 s) that a quiet machine cannot finish rank 1's share before the signal
+    procs = launch_ranks(["experts", "--dataset", "digits", "--num-experts", 4, "--epochs", 20, "--width", 8,
                           "--device", "cpu", "--dist-timeout", timeout, "--experts-per-pass", 1, "--out", out])
     try:
         deadline = time.monotonic() + 90
