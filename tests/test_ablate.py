@@ -206,3 +206,38 @@ def test_sweep_as_rank0_names_a_cell_that_failed_on_another_rank(tmp_path, monke
                                                r"NaN\.\); the cells finished before it are cached"):
         ablation.run_sweep(cells, base, tmp_path, dist=_fake_ranks(0, others=[other]))
     assert (tmp_path / "cells" / f"{cell_key(cells[0], base)}.json").exists()  # rank 0's own cell is kept
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_sweep_workers_stop_when_the_sweep_is_killed(tmp_path):
+    """SIGKILL the sweep's process: its spawn workers end too, instead of running their cells for nobody."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    sweep = subprocess.Popen([sys.executable, str(ROOT / "bench" / "ablate.py"), "--workers", "2", "--out",
+                              str(tmp_path / "out"), "--seeds", "0,1", "--grid", "lambda=0,1", "--iterations", "400"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 90
+        while len(workers) < 2:
+            assert sweep.poll() is None and time.monotonic() < deadline, "the sweep never started its workers"
+            workers = [c for c in psutil.Process(sweep.pid).children(recursive=True)
+                       if "spawn_main" in " ".join(c.cmdline())]
+            time.sleep(0.1)
+        time.sleep(1)  # past the workers' initializer
+        os.kill(sweep.pid, signal.SIGKILL)
+        sweep.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, [w.pid for w in alive]
+    finally:
+        for proc in [sweep, *workers]:
+            try:
+                proc.kill()
+            except (OSError, psutil.Error):  # already gone
+                pass
