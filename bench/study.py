@@ -69,7 +69,7 @@ def _main(argv: list[str] | None) -> int:
     img = report.parent / "img" / "results"
     write_plots(parts, results, img, quick=args.quick)
     write_results(parts, results, report, command=command.strip(), wall_seconds=wall, seeds=list(range(seeds)),
-                  quick=args.quick, img_dir=img)
+                  quick=args.quick, img_dir=img, workers=args.workers)
     if not args.quick:
         write_guidelines(parts, results, report.parent / "guidelines.md", results_md=report.name)
     Console().print(f"report: {report} ({wall / 60:.1f} min)")

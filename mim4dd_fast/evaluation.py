@@ -326,13 +326,14 @@ def _accuracies(
     first split's accuracy."""
     for split in splits:
         split_tensors(dataset, split)  # fail before training, not after
-    made = {indices[0]: make_set(indices[0])} if indices else {}
-    per_pass = cfg.nets_per_pass or auto_nets_per_pass(
-        len(indices), len(made[indices[0]][0]) if indices else 0, cfg.batch_size, device)
+    if not indices:
+        return []
+    first_set = make_set(indices[0])  # every net's set has this size: it decides the auto stacking
+    per_pass = cfg.nets_per_pass or auto_nets_per_pass(len(indices), len(first_set[0]), cfg.batch_size, device)
     out: list[tuple[int, dict[str, float]]] = []
     for first in range(0, len(indices), per_pass):
         chunk = indices[first : first + per_pass]
-        sets = [made.pop(i) if i in made else make_set(i) for i in chunk]
+        sets = [first_set if i == indices[0] else make_set(i) for i in chunk]
         accs: list[dict[str, float]] | None = None
         if per_pass > 1:
             try:

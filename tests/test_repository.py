@@ -21,10 +21,12 @@ def _tracked(*patterns: str) -> list[Path]:
 
 def test_no_file_points_outside_the_repository():
     """Docs and code say what they mean here: no design notes of the team, no absolute machine paths."""
-    outside = re.compile(r"DESIGN\.md|ANCHORS\.md|/work/|/home/\w+/|/Users/\w+/")
+    # the team's note names and machine roots, spelled in pieces so that this file does not match itself
+    notes = "|".join(re.escape(name + ".md") for name in ("DESIGN", "ANCHORS"))
+    roots = "|".join("/" + root + "/" for root in ("work", r"home/\w+", r"Users/\w+"))
+    outside = re.compile(f"{notes}|{roots}")
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in _tracked("*.py", "*.md", "*.sh", "*.toml")
-            for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
-            if outside.search(line) and p.name != "test_repository.py"]
+            for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if outside.search(line)]
     assert not hits, hits
 
 
