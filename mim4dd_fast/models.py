@@ -2,7 +2,8 @@
 evaluation, the originals' MLP, LeNet and ResNet-18 with BatchNorm; plus two ways to run them fast.
 
 ConvNet: each block is [3x3 conv (bias) -> instance norm -> ReLU -> 2x2 avg pool]; instance norm is
-GroupNorm(C, C, affine) exactly as the originals implement it. Trajectory matching differentiates
+GroupNorm(C, C, affine) exactly as the originals implement it (``layers.py``: the same modules with a
+fast second derivative on CPU). Trajectory matching differentiates
 through parameter updates, so a network can also be run from a flat vector (``functional_forward``)
 with ``torch.func.functional_call`` — module forward hooks still fire, which is what FeatureTap uses.
 
@@ -28,6 +29,7 @@ from torch.func import functional_call
 from torch.nn.utils import skip_init
 
 from .errors import ConfigError
+from .layers import AvgPool2, InstanceNorm
 
 
 def default_depth(image_size: int) -> int:
@@ -74,9 +76,9 @@ class ConvNet(nn.Module):
             pad = 3 if (k == 0 and image_size == 28) else 1
             layers: list[nn.Module] = [nn.Conv2d(in_ch, width, 3, padding=pad)]
             if norm == "instancenorm":
-                layers.append(nn.GroupNorm(width, width, affine=True))
+                layers.append(InstanceNorm(width))
             # In place, as the originals: no extra activation; the norm's backward needs its input, not output.
-            layers += [nn.ReLU(inplace=True), nn.AvgPool2d(2, 2)]
+            layers += [nn.ReLU(inplace=True), AvgPool2()]
             blocks.append(nn.Sequential(*layers))
             in_ch = width
         self.blocks = nn.Sequential(*blocks)

@@ -1,0 +1,149 @@
+"""The ConvNet's fast layers equal torch's own, to float64 rounding, in value, gradient and second derivative.
+
+The oracle is torch's GroupNorm / avg_pool2d / Conv2d (an independent implementation) differentiated by
+autograd, plus torch.autograd.gradcheck/gradgradcheck (finite differences).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from mim4dd_fast.layers import AvgPool2, InstanceNorm
+from mim4dd_fast.methods.mtt import unroll_full
+from mim4dd_fast.models import ConvNet, flatten_params
+
+
+def _second_order(fn, x, w, b, terms):
+    """Gradients of a scalar built from (dx, dw, db) of <fn(x, w, b), gy>, w.r.t. x, w and gy."""
+    y = fn(x, w, b)
+    gy = torch.sin(torch.arange(y.numel(), dtype=y.dtype)).view_as(y).requires_grad_(True)
+    dx, dw, db = torch.autograd.grad((y * gy).sum(), [x, w, b], create_graph=True)
+    scalars = {"x": (dx.pow(2) * torch.cos(x.detach())).sum(), "w": (dw * torch.arange(dw.numel())).sum(),
+               "b": db.pow(3).sum()}
+    loss = sum(scalars[t] for t in terms)
+    return torch.autograd.grad(loss, [x, w, gy], allow_unused=True)
+
+
+@pytest.mark.parametrize("terms", ["xwb", "x", "w", "b", "wb", "xb"])
+def test_instance_norm_second_derivative_equals_groupnorm(terms):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, 7, dtype=torch.float64, generator=gen).requires_grad_(True)
+    w = torch.randn(4, dtype=torch.float64, generator=gen).requires_grad_(True)
+    b = torch.randn(4, dtype=torch.float64, generator=gen).requires_grad_(True)
+    norm = InstanceNorm(4).double()
+
+    def ours(x, w, b):
+        with torch.no_grad():
+            norm.weight.copy_(w)
+            norm.bias.copy_(b)
+        return torch.func.functional_call(norm, {"weight": w, "bias": b}, (x,))
+
+    ref = _second_order(lambda x, w, b: F.group_norm(x, 4, w, b, 1e-5), x, w, b, terms)
+    got = _second_order(ours, x, w, b, terms)
+    for r, g in zip(ref, got, strict=True):
+        if r is None:  # torch's graph does not reach it: ours may give None or exact zeros
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_instance_norm_gradgradcheck():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 4, 3, dtype=torch.float64, generator=gen).requires_grad_(True)
+    w = torch.randn(3, dtype=torch.float64, generator=gen).requires_grad_(True)
+    b = torch.randn(3, dtype=torch.float64, generator=gen).requires_grad_(True)
+    norm = InstanceNorm(3).double()
+
+    def fn(x, w, b):
+        return torch.func.functional_call(norm, {"weight": w, "bias": b}, (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 5), h=st.integers(1, 6), w=st.integers(2, 6),
+       channels_last=st.booleans(), grad=st.booleans())
+def test_instance_norm_forward_and_gradient_equal_groupnorm(n, c, h, w, channels_last, grad):
+    ref = nn.GroupNorm(c, c).double()
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    ours = InstanceNorm(c).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xr, xo = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        yr, yo = ref(xr), ours(xo)
+    torch.testing.assert_close(yo, yr, rtol=1e-12, atol=1e-12)
+    if grad:
+        gy = torch.randn_like(yr)
+        gr = torch.autograd.grad(yr, [xr, ref.weight, ref.bias], gy)
+        go = torch.autograd.grad(yo, [xo, ours.weight, ours.bias], gy)
+        for a, b in zip(go, gr, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_instance_norm_keeps_groupnorm_state_dict_and_falls_back_under_autocast():
+    ours = InstanceNorm(6)
+    assert isinstance(ours, nn.GroupNorm) and set(ours.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 6, 4, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x)
+    assert y.grad_fn is not None and "InstanceNorm" not in type(y.grad_fn).__name__
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 4), h=st.integers(2, 9), w=st.integers(2, 9))
+def test_avg_pool_equals_torch_in_value_and_gradient(n, c, h, w):
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    xr, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    yr, yo = F.avg_pool2d(xr, 2, 2), AvgPool2()(xo)
+    torch.testing.assert_close(yo, yr, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(yr)
+    torch.testing.assert_close(torch.autograd.grad(yo, xo, gy)[0], torch.autograd.grad(yr, xr, gy)[0])
+
+
+def test_avg_pool_gradgradcheck():
+    x = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(AvgPool2(), (x,))
+    assert torch.autograd.gradgradcheck(AvgPool2(), (x,))
+
+
+def _plain_copy(net: ConvNet) -> ConvNet:
+    """The same net with torch's own layers in place of the fast ones (the oracle)."""
+    plain = copy.deepcopy(net)
+    for block in plain.blocks:
+        norm = block[1]
+        plain_norm = nn.GroupNorm(norm.num_groups, norm.num_channels).to(norm.weight.dtype)
+        plain_norm.load_state_dict(norm.state_dict())
+        block[1], block[3] = plain_norm, nn.AvgPool2d(2, 2)
+    return plain
+
+
+def test_mtt_unroll_gradient_equals_the_plain_torch_convnet_in_float64():
+    """The whole student unroll (second derivatives of every layer) with the fast layers vs torch's."""
+    torch.manual_seed(0)
+    net = ConvNet(3, 4, 16, width=8, depth=2).double().requires_grad_(False)
+    plain = _plain_copy(net).requires_grad_(False)
+    assert any(isinstance(m, InstanceNorm) for m in net.modules())
+    assert not any(isinstance(m, (InstanceNorm, AvgPool2)) for m in plain.modules())
+    start = flatten_params(net).double()
+    target = start + 0.02 * torch.randn_like(start)
+    images = torch.randn(8, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.arange(8) % 4
+    syn_lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    batches = [(torch.randperm(8, generator=torch.Generator().manual_seed(k))[:6], None) for k in range(3)]
+    ours = unroll_full(net, start, target, images, labels, syn_lr, batches)
+    ref = unroll_full(plain, start, target, images, labels, syn_lr, batches)
+    for g, r in zip(ours, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
