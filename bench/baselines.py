@@ -564,7 +564,7 @@ def run_worker(row: Row, side: str, args) -> dict[str, Any]:
     """Measure one side of ``row`` in a fresh Python process; returns its JSON (or an ``error`` entry)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", row.name, "--side", side,
            "--repeats", str(args.repeats), "--threads", str(args.threads), "--seed", str(args.seed),
-           "--precision", args.precision]
+           "--precision", args.precision, "--original-malloc", args.original_malloc]
     repo = repo_for(row, args)
     if side == "original" and repo is not None:
         cmd += [f"--{row.repo_kind}-repo", repo]
@@ -656,6 +656,15 @@ def table(results: list[dict[str, Any]], shapes: Shapes, threads: int, rounds: i
     return t
 
 
+def _malloc_sides(results: list[dict[str, Any]]) -> dict[str, str]:
+    """{side: the C heap setting its processes ran with} ("mixed" if they differed; allocator.py)."""
+    seen: dict[str, set[str]] = {"ours": set(), "original": set()}
+    for r in results:
+        for side in seen:
+            seen[side].update(m.get("malloc", "system") for m in r.get(side, []) if "error" not in m)
+    return {side: (next(iter(v)) if len(v) == 1 else "mixed" if v else "-") for side, v in seen.items()}
+
+
 def markdown(data: dict[str, Any]) -> str:
     """The rows of a saved ``--json`` as a Markdown table (docs/benchmarks.md is rendered with this)."""
     def ratio(r: dict[str, Any], name: str) -> str:
@@ -696,6 +705,10 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="our methods' precision setting (the original always runs float32); default fp32")
+    p.add_argument("--original-malloc", default="system", choices=("system", "tuned"),
+                   help="the C heap setting of the original's processes: system (as the original ships; default) "
+                        "or tuned (ours, mim4dd_fast/allocator.py: separates our code's gain from the allocator's). "
+                        "Our side runs as our CLI does: tuned unless MIM4DD_MALLOC=system")
     p.add_argument("--json", default=None, help="write every measurement and the summary as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (8x8 images, width 16): checks the script runs")
     p.add_argument("--list", action="store_true", help="list the selected rows with a time estimate and exit")
@@ -745,11 +758,15 @@ def _main(argv: list[str] | None) -> int:
     if args.worker is not None:
         import torch
 
+        from mim4dd_fast.allocator import tune
+
+        # Our side runs as our CLI does; the original's as it ships unless --original-malloc tuned.
+        malloc = "tuned" if (args.side == "ours" or args.original_malloc == "tuned") and tune() else "system"
         torch.set_num_threads(args.threads)
         warnings.filterwarnings("ignore", category=UserWarning)  # their align_corners / meshgrid notices
         row = ROWS[args.worker]
         print(json.dumps(measure_row(row, shapes, args.repeats, args.seed, args.side, repo_for(row, args),
-                                     args.precision)))
+                                     args.precision) | {"malloc": malloc}))
         return 0
 
     from rich.console import Console
@@ -796,6 +813,8 @@ def _main(argv: list[str] | None) -> int:
                         "label": row.label, "ours": ours, "original": original_runs, "ours_summary": ours_summary,
                         "original_summary": orig, "ours_over_original": rat})
     console.print(table(results, shapes, args.threads, args.rounds, args.precision))
+    heap = _malloc_sides(results)
+    console.print(f"C heap (mim4dd_fast/allocator.py): ours {heap['ours']}, original {heap['original']}.")
     if any(m.get("theta_store_bytes") for r in results for m in r["ours"]):
         console.print("The checkpointed unroll also keeps one flat parameter vector per student step (not saved "
                       "for backward, so not in that figure): (syn_steps + 1) x parameters x 4 bytes.")
@@ -813,7 +832,7 @@ def _main(argv: list[str] | None) -> int:
                                       "command": ["python", "bench/baselines.py", *(argv or sys.argv[1:])],
                                       "originals": originals, "shapes": vars(shapes), "smoke": args.smoke,
                                       "repeats": args.repeats, "rounds": args.rounds, "precision": args.precision,
-                                      "rows": results})
+                                      "malloc": _malloc_sides(results), "rows": results})
     failed = any("error" in m for r in results for m in [*r["ours"], *r["original"]])
     return 1 if failed else 0
 

@@ -375,7 +375,10 @@ def _main(argv: list[str] | None) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mim4dd_fast import __version__, profiling
+    from mim4dd_fast.allocator import tune
     from mim4dd_fast.runner import load_run_dataset, resolve_device
+
+    tune()  # as the CLI runs (mim4dd_fast/allocator.py; MIM4DD_MALLOC=system to compare without)
 
     console = Console(width=None if sys.stdout.isatty() else 200)
     err = Console(stderr=True)

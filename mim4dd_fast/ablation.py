@@ -242,8 +242,10 @@ def run_cell(cell: Cell, base: dict[str, Any], experts_dir: str, threads: int = 
     """
     import torch
 
+    from .allocator import tune
     from .runner import build_run
 
+    tune()  # as the CLI runs (allocator.py)
     torch.set_num_threads(threads)
     settings = cell_settings(cell, base)
     t0, c0 = time.perf_counter(), time.process_time()

@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
 
     def body() -> int:
+        from .allocator import tune
+
+        tune()  # big tensors reused from the heap, not page-faulted afresh (allocator.py)
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
