@@ -220,7 +220,43 @@ def test_config_and_expert_validation(digits, experts):
         MTT(digits, 1, config=_cfg({**CFG, "max_start_epoch": 10}), experts=experts)
     with pytest.raises(ConfigError, match="at least one expert"):
         MTT(digits, 1, config=_cfg(CFG), experts=[])
-    assert MTTConfig().unroll == "checkpointed" and MTTConfig().momentum == 0.5
+    assert MTTConfig().unroll == "auto" and MTTConfig().momentum == 0.5
+
+
+# -- unroll = "auto" ---------------------------------------------------------------------------------
+
+
+def test_auto_unroll_is_full_for_small_graphs_and_checkpointed_for_big_ones_or_ranks(digits, experts):
+    from mim4dd_fast.methods import mtt as mtt_mod
+
+    small = MTT(digits, 1, config=_cfg(CFG), experts=experts)
+    assert small.unroll == "full"
+    assert MTT(digits, 1, config=_cfg({**CFG, "unroll": "checkpointed"}), experts=experts).unroll == "checkpointed"
+    cifar = build_model(3, 10, 32, width=128, depth=3)  # the anchors' setting: hundreds of MiB
+    assert mtt_mod.full_unroll_bytes(cifar, 10, 10) > mtt_mod.AUTO_FULL_MAX_BYTES
+    assert mtt_mod.choose_unroll("auto", cifar, 10, 10, world_size=1) == "checkpointed"
+    assert mtt_mod.choose_unroll("auto", small.model, 5, 10, world_size=2) == "checkpointed"
+    assert mtt_mod.choose_unroll("full", cifar, 10, 10, world_size=1) == "full"
+
+
+@pytest.mark.parametrize("size,width", [(8, 16), (16, 8)])
+def test_full_unroll_estimate_bounds_the_bytes_it_saves(size, width):
+    """The estimate behind auto is an upper bound of what the full unroll really keeps (saved_tensors_hooks)."""
+    from mim4dd_fast.methods import mtt as mtt_mod
+    from mim4dd_fast.profiling import SavedTensorBytes
+
+    torch.manual_seed(0)
+    model = build_model(3, 10, size, width=width).requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    start = torch.randn(n_params) * 0.1
+    images = torch.randn(10, 3, size, size, requires_grad=True)
+    labels = torch.arange(10)
+    syn_lr = torch.tensor(0.01, requires_grad=True)
+    batches = [(torch.randperm(10), s) for s in (1, 2, 3, 4)]
+    with SavedTensorBytes() as saved:
+        mtt_mod.unroll_full(model, start, start + 0.01, images, labels, syn_lr, batches)
+    estimate = mtt_mod.full_unroll_bytes(model, 4, 10)
+    assert saved.peak <= estimate <= 4 * saved.peak  # an upper bound, and not a wild one
 
 
 # -- presets ---------------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ the synthetic set with a learnable step size ``syn_lr``, and minimise
 
 with respect to the images and ``syn_lr`` (SGD, momentum 0.5, as the original).
 
-The gradient flows back through the whole unroll. Two exact ways to get it:
+The gradient flows back through the whole unroll. Two exact ways to get it (``auto``, the default,
+picks ``full`` for a single process when the full graph is estimated under ``AUTO_FULL_MAX_BYTES``,
+where the checkpointed unroll's recomputation would be pure overhead, and ``checkpointed`` otherwise):
 
 * ``full`` (the original): keep every step's graph (``create_graph=True``) and backpropagate once.
   Memory grows linearly with syn_steps x images per step.
-* ``checkpointed`` (default): run the unroll without a graph, storing only theta_k (one flat vector
+* ``checkpointed``: run the unroll without a graph, storing only theta_k (one flat vector
   per step) and each step's minibatch indices and DSA seed; then walk back one step at a time,
   recomputing step k's gradient g_k with a graph and applying the adjoint recursion of
   theta_{k+1} = theta_k - lr * g_k(theta_k, X):
@@ -67,7 +69,7 @@ class MTTConfig(ConvNetSettings):
     lr_teacher: float = 0.01  # initial student step size (syn_lr)
     batch_syn: int | None = None  # synthetic images per student step; None = all of them
     dsa: bool = True  # DSA on every student step (and siamese DSA for the MIM term)
-    unroll: str = "checkpointed"  # "checkpointed" (exact, memory flat in syn_steps) or "full"
+    unroll: str = "auto"  # "checkpointed" (exact, memory flat in syn_steps), "full", or "auto" (see module doc)
     momentum: float = 0.5  # momentum of both outer optimizers
     width: int = 128  # ConvNet width (must match the experts)
     depth: int | None = None  # ConvNet depth; None = the dataset's default depth
@@ -82,8 +84,8 @@ class MTTConfig(ConvNetSettings):
             require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}.")
         require(self.batch_syn is None or self.batch_syn >= 1,
                 f"batch_syn must be at least 1 (or unset for all images), got {self.batch_syn}.")
-        require(self.unroll in ("checkpointed", "full"),
-                f"unroll must be 'checkpointed' or 'full', got {self.unroll!r}.")
+        require(self.unroll in ("auto", "checkpointed", "full"),
+                f"unroll must be 'auto', 'checkpointed' or 'full', got {self.unroll!r}.")
         require(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}.")
         require(self.width >= 1, f"width must be at least 1, got {self.width}.")
         require(self.depth is None or self.depth >= 1, f"depth must be at least 1, got {self.depth}.")
@@ -229,6 +231,33 @@ def unroll_checkpointed(model: nn.Module, start: Tensor, target: Tensor, images:
 
 UNROLLS = {"full": unroll_full, "checkpointed": unroll_checkpointed}
 
+# ``unroll = "auto"`` keeps the full graph up to this estimate: small problems (the digits presets: a few
+# MiB) skip the checkpointed unroll's recomputation (a quarter of a digits iteration), while any
+# CIFAR-sized one (hundreds of MiB) keeps memory flat in syn_steps.
+AUTO_FULL_MAX_BYTES = 64 * 2**20
+# Bytes the full unroll keeps per image and step, in units of the model's largest activation per image:
+# measured 6.2 at CIFAR shapes (bench/baselines.py mtt1_s10_full: 311.6 MiB for 10 steps x 10 images of
+# 0.5 MiB); 8 leaves a margin.
+FULL_BYTES_PER_ACTIVATION = 8
+
+
+def full_unroll_bytes(model: nn.Module, syn_steps: int, images_per_step: int, element_size: int = 4) -> int | None:
+    """Estimated bytes the full unroll's graph holds (None: the model does not declare its activation size)."""
+    per_image = getattr(model, "activation_numel", None)
+    if per_image is None:
+        return None
+    return syn_steps * images_per_step * FULL_BYTES_PER_ACTIVATION * per_image() * element_size
+
+
+def choose_unroll(setting: str, model: nn.Module, syn_steps: int, images_per_step: int, world_size: int) -> str:
+    """The unroll a setting means here: ``auto`` -> ``full`` for one process and a small graph, else checkpointed."""
+    if setting != "auto":
+        return setting
+    if world_size > 1:
+        return "checkpointed"  # data-parallel MTT shards the checkpointed unroll
+    est = full_unroll_bytes(model, syn_steps, images_per_step)
+    return "full" if est is not None and est <= AUTO_FULL_MAX_BYTES else "checkpointed"
+
 
 def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
@@ -263,6 +292,8 @@ class MTT(DistillMethod):
         self.model = build_model(dataset.channels, dataset.num_classes, dataset.image_size, **kwargs)
         self.model = self.model.to(self.device).requires_grad_(False)  # weights come from the flat vectors
         self.experts = self._check_experts(experts, kwargs)
+        per_step = min(cfg.batch_syn or self.images.shape[0], self.images.shape[0])
+        self.unroll = choose_unroll(cfg.unroll, self.model, cfg.syn_steps, per_step, self.shard.dist.world_size)
         self.syn_lr = torch.tensor(cfg.lr_teacher, dtype=self.images.dtype, device=self.device).requires_grad_(True)
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)
         self.opt_lr = torch.optim.SGD([self.syn_lr], lr=cfg.lr_lr, momentum=cfg.momentum)
@@ -273,7 +304,7 @@ class MTT(DistillMethod):
         world = self.shard.dist.world_size
         if world == 1:
             return
-        if self.config.unroll != "checkpointed":
+        if self.config.unroll == "full":
             raise ConfigError(f"Data-parallel MTT ({world} processes) needs unroll = 'checkpointed', got "
                               f"{self.config.unroll!r}.")
         per_step = min(self.config.batch_syn or self.images.shape[0], self.images.shape[0])
@@ -352,7 +383,7 @@ class MTT(DistillMethod):
         traj = self.experts[e]
         start = traj[t].to(self.device, self.images.dtype)
         target = traj[t + cfg.expert_epochs].to(self.device, self.images.dtype)
-        loss, g_img, g_lr = UNROLLS[cfg.unroll](self.model, start, target, self.images, self.labels, self.syn_lr,
+        loss, g_img, g_lr = UNROLLS[self.unroll](self.model, start, target, self.images, self.labels, self.syn_lr,
                                                 self._plan(), shard=self.shard, precision=cfg.precision)
         if not math.isfinite(float(loss)):
             raise self._diverged(self._good, "loss", blame_lr=not _finite(self.syn_lr.detach()))
