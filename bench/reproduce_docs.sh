@@ -28,7 +28,13 @@ NAME=complexity step $PY bench/complexity.py --out $OUT/complexity --json $OUT/c
 REPOS=()
 [ -n "${MTT_REPO:-}" ] && REPOS+=(--mtt-repo "$MTT_REPO")
 [ -n "${DC_REPO:-}" ] && REPOS+=(--dc-repo "$DC_REPO")
-NAME=baselines_side_by_side step $PY bench/baselines.py "${REPOS[@]}" --rows 'mtt1_s10_full,mtt1_s10_ckpt,mtt1_s20_full,mtt10_s10_full,dc1,dm1,dm10' --rounds 2 --repeats 2 --json $OUT/baselines_side_by_side.json
+NAME=baselines_tuned step $PY bench/baselines.py "${REPOS[@]}" --rows 'mtt1_s10_full,mtt1_s10_ckpt,mtt1_s20_full,mtt10_s10_full,dc1,dm1,dm10' --rounds 2 --repeats 2 --json $OUT/baselines_tuned.json
+# the same with the original on our C heap too, and ours on glibc's default (separates code from allocator)
+NAME=baselines_both_tuned step $PY bench/baselines.py "${REPOS[@]}" --rows 'mtt1_s10_full,mtt1_s20_full,dc1,dm1' --rounds 2 --repeats 2 --original-malloc tuned --json $OUT/baselines_both_tuned.json
+NAME=baselines_system step env MIM4DD_MALLOC=system $PY bench/baselines.py "${REPOS[@]}" --rows 'mtt1_s10_full,mtt1_s10_ckpt,mtt1_s20_full,mtt10_s10_full,dc1,dm1,dm10' --rounds 2 --repeats 2 --json $OUT/baselines_system.json
+# where an MTT iteration goes: torch's layers vs ours, glibc's heap vs tuned
+NAME=layers_mtt step $PY bench/layers.py --rows mtt1_s10_full,mtt1_s20_full --rounds 2 --repeats 5 --json $OUT/layers_mtt.json
+NAME=layers_dcdm step $PY bench/layers.py --rows dc1,dm1 --rounds 2 --repeats 2 --json $OUT/layers_dcdm.json
 NAME=baselines_bf16 step $PY bench/baselines.py --precision bf16 --rows 'mtt1_s10_full,mtt10_s10_full,dc1,dm1,dm10' --rounds 1 --repeats 2 --json $OUT/baselines_bf16.json
 # the long rows (not in docs/benchmarks.md: about 15 and 55 minutes with the originals)
 # $PY bench/baselines.py "${REPOS[@]}" --rows 'mtt10_s30_*' --rounds 2 --repeats 1 --json $OUT/baselines_mtt10_s30.json

@@ -196,3 +196,21 @@ class AvgPool2(nn.AvgPool2d):
             return _PoolFn.apply(x)
         return F.avg_pool2d(x, 2, 2)
 
+
+
+def with_torch_layers(net: nn.Module, in_place: bool = False) -> nn.Module:
+    """``net`` with torch's own GroupNorm / AvgPool2d in place of ``InstanceNorm`` / ``AvgPool2`` (same
+    parameters): the oracle of the tests and the "before" of bench/layers.py."""
+    import copy
+
+    net = net if in_place else copy.deepcopy(net)
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, InstanceNorm):
+                plain = nn.GroupNorm(child.num_groups, child.num_channels, eps=child.eps).to(child.weight)
+                plain.load_state_dict(child.state_dict())
+                plain.requires_grad_(child.weight.requires_grad)
+                setattr(parent, name, plain)
+            elif isinstance(child, AvgPool2):
+                setattr(parent, name, nn.AvgPool2d(2, 2))
+    return net

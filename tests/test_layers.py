@@ -6,8 +6,6 @@ autograd, plus torch.autograd.gradcheck/gradgradcheck (finite differences).
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mim4dd_fast.layers import AvgPool2, InstanceNorm
+from mim4dd_fast.layers import AvgPool2, InstanceNorm, with_torch_layers
 from mim4dd_fast.methods.mtt import unroll_full
 from mim4dd_fast.models import ConvNet, flatten_params
 
@@ -119,22 +117,11 @@ def test_avg_pool_gradgradcheck():
     assert torch.autograd.gradgradcheck(AvgPool2(), (x,))
 
 
-def _plain_copy(net: ConvNet) -> ConvNet:
-    """The same net with torch's own layers in place of the fast ones (the oracle)."""
-    plain = copy.deepcopy(net)
-    for block in plain.blocks:
-        norm = block[1]
-        plain_norm = nn.GroupNorm(norm.num_groups, norm.num_channels).to(norm.weight.dtype)
-        plain_norm.load_state_dict(norm.state_dict())
-        block[1], block[3] = plain_norm, nn.AvgPool2d(2, 2)
-    return plain
-
-
 def test_mtt_unroll_gradient_equals_the_plain_torch_convnet_in_float64():
     """The whole student unroll (second derivatives of every layer) with the fast layers vs torch's."""
     torch.manual_seed(0)
     net = ConvNet(3, 4, 16, width=8, depth=2).double().requires_grad_(False)
-    plain = _plain_copy(net).requires_grad_(False)
+    plain = with_torch_layers(net)
     assert any(isinstance(m, InstanceNorm) for m in net.modules())
     assert not any(isinstance(m, (InstanceNorm, AvgPool2)) for m in plain.modules())
     start = flatten_params(net).double()
