@@ -354,11 +354,11 @@ def _accuracies(
 
 
 # On CPU a stack of nets trains as grouped convolutions, which oneDNN runs well only for small minibatches:
-# 5 ConvNets on digits, stacked vs one by one, 1.27x at 10 images per net, 1.07x at 20, 0.98x at 30,
-# 0.90x at 50, 0.71x at 100 (bench/evaluation.py, docs/benchmarks.md "Batched evaluation"). Above this
+# 5 ConvNets on digits, stacked vs one by one, 1.48-1.55x at 10 images per net, 1.11x at 20, 1.06x at 30,
+# 1.10x at 50, 0.80-0.91x at 100 (bench/evaluation.py, docs/benchmarks.md "Batched evaluation"). Above this
 # many images per minibatch the default (nets_per_pass = 0) trains the nets one by one on CPU;
 # accelerators always stack.
-STACK_MAX_IMAGES_CPU = 20
+STACK_MAX_IMAGES_CPU = 50
 
 
 def auto_nets_per_pass(n_nets: int, n_images: int, batch_size: int, device: str | torch.device) -> int:
