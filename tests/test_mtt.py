@@ -286,3 +286,17 @@ def test_presets_are_valid_and_carry_the_original_values():
     assert default_preset("dm", "digits", 1) is None and default_preset("mtt", "digits", 50) is None
     with pytest.raises(ConfigError, match="valid presets are: .*mtt-digits-ipc1"):
         load_preset("mtt-digits-ipc2")
+
+
+def test_the_unroll_graph_does_not_hold_the_expert_trajectory(digits, experts):
+    """theta_0 is a copy of the trajectory's row: the graph's saved bytes do not grow with the trajectory length."""
+    from mim4dd_fast.profiling import SavedTensorBytes
+
+    long_experts = [torch.cat([t] + [t[-1:]] * 40) for t in experts]  # 40 more epochs, same start rows
+    peaks = []
+    for trajectories in (experts, long_experts):
+        method = MTT(digits, 1, config=_cfg({**CFG, "unroll": "full"}), experts=trajectories, seed=5)
+        with SavedTensorBytes() as saved:
+            method.step()
+        peaks.append(saved.peak)
+    assert peaks[0] == peaks[1]

@@ -381,7 +381,8 @@ class MTT(DistillMethod):
         e = int(torch.randint(len(self.experts), (1,), generator=self.generator))
         t = int(torch.randint(cfg.max_start_epoch, (1,), generator=self.generator))
         traj = self.experts[e]
-        start = traj[t].to(self.device, self.images.dtype)
+        # A copy, not a view: a view would make the unroll's graph hold the whole trajectory buffer alive.
+        start = traj[t].to(self.device, self.images.dtype, copy=True)
         target = traj[t + cfg.expert_epochs].to(self.device, self.images.dtype)
         loss, g_img, g_lr = UNROLLS[self.unroll](self.model, start, target, self.images, self.labels, self.syn_lr,
                                                 self._plan(), shard=self.shard, precision=cfg.precision)
