@@ -25,8 +25,9 @@ layers are slow there (measured, docs/benchmarks.md "Where an MTT iteration goes
   each other's adjoint, so every order of derivative stays exact.
 
 Both are the same modules, parameters and results as torch's (tested against them to float64
-rounding, first and second order: tests/test_layers.py); off CPU, for channels-last or half-precision
-inputs and odd sizes they run torch's own ops.
+rounding, first and second order: tests/test_layers.py); off CPU, for channels-last inputs and odd sizes
+they run torch's own ops. Under CPU bfloat16 autocast the norm takes bfloat16 activations as torch's does
+(its second derivative in float32) and the pool runs torch's.
 """
 
 from __future__ import annotations
@@ -77,22 +78,24 @@ class _InstanceNormBackwardFn(torch.autograd.Function):
         # combination of dy, gx and x: five reductions and seven passes over the full-size tensors.
         dy, x, weight, mean, rstd = ctx.saved_tensors
         n, c, m = _stats_shape(x)
-        shape = x.shape
-        x, dy = x.reshape(n, c, m), dy.reshape(n, c, m)
-        r, mu = rstd.view(n, c, 1), mean.view(n, c, 1)
-        w = weight.view(1, c, 1)
+        shape, dy_dtype, x_dtype = x.shape, dy.dtype, x.dtype
+        # bfloat16 activations (under autocast) are differentiated in float32, as torch's kernels accumulate
+        work = torch.promote_types(x.dtype, torch.float32)
+        x, dy = x.reshape(n, c, m).to(work), dy.reshape(n, c, m).to(work)
+        r, mu = rstd.view(n, c, 1).to(work), mean.view(n, c, 1).to(work)
+        w = weight.view(1, c, 1).to(work)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         s_dy = dy.mean(2, keepdim=True)
         m_dy_xhat = r * (_mean_product(dy, x) - mu * s_dy)  # mean(dy * x̂)
         if gx is not None:
-            gx = gx.reshape(n, c, m)
+            gx = gx.reshape(n, c, m).to(work)
             m_g = gx.mean(2, keepdim=True)
             m_gx_xhat = r * (_mean_product(gx, x) - mu * m_g)  # mean(gx * x̂)
             m_g_dy = _mean_product(gx, dy)
         else:
             m_g = m_gx_xhat = m_g_dy = zero
-        gw = zero if gw is None else gw.view(1, c, 1)
-        gb = zero if gb is None else gb.view(1, c, 1)
+        gw = zero if gw is None else gw.view(1, c, 1).to(work)
+        gb = zero if gb is None else gb.view(1, c, 1).to(work)
         wr = w * r
         m_a, m_a_xhat = w * s_dy, w * m_dy_xhat  # mean(a), mean(a * x̂)
         s = w * m_g_dy - m_a * m_g - m_gx_xhat * m_a_xhat
@@ -102,7 +105,7 @@ class _InstanceNormBackwardFn(torch.autograd.Function):
         g_x = _combine(dy, r * alpha, gx, r * beta, x, -r * k, r * (mu * k - m_u))
         g_dy = _combine(gx, wr, None, None, x, alpha * r, gb - wr * m_g - alpha * r * mu)
         g_w = (r * (m_g_dy - m_g * s_dy - m_gx_xhat * m_dy_xhat)).sum((0, 2)) * m
-        return g_dy.view(shape), g_x.view(shape), g_w, None, None
+        return g_dy.view(shape).to(dy_dtype), g_x.view(shape).to(x_dtype), g_w.to(weight.dtype), None, None
 
 
 def _mean_product(a: Tensor, b: Tensor) -> Tensor:
@@ -121,11 +124,15 @@ def _combine(a: Tensor | None, ca: Tensor, b: Tensor | None, cb: Tensor | None, 
     return out.add_(const)
 
 
+def _on_cpu_plain(x: Tensor) -> bool:
+    """Plain-layout 4-d CPU tensors outside torch.func transforms (vmap/grad see torch's own ops, which they
+    know how to batch)."""
+    return x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and not _functorch_active()
+
+
 def _on_cpu_contiguous(x: Tensor, dtype: torch.dtype) -> bool:
-    """The custom paths' domain: plain-layout 4-d CPU tensors of the layer's dtype, outside autocast and
-    outside torch.func transforms (vmap/grad see torch's own ops, which they know how to batch)."""
-    return (x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and x.dtype == dtype
-            and not torch.is_autocast_enabled("cpu") and not _functorch_active())
+    """The custom paths' domain: ``_on_cpu_plain`` tensors of the layer's dtype, outside autocast."""
+    return _on_cpu_plain(x) and x.dtype == dtype and not torch.is_autocast_enabled("cpu")
 
 
 def _functorch_active() -> bool:
@@ -140,7 +147,11 @@ class InstanceNorm(nn.GroupNorm):
         super().__init__(num_channels, num_channels, eps=eps, affine=True, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and _on_cpu_contiguous(x, self.weight.dtype) and x[0, 0].numel() > 1:
+        # Under CPU bfloat16 autocast torch's group norm takes bfloat16 activations with float32 parameters
+        # (mixed types, bfloat16 out); so does ours, its second derivative computed in float32.
+        mixed = x.dtype == torch.bfloat16 and self.weight.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
+        if (torch.is_grad_enabled() and (_on_cpu_contiguous(x, self.weight.dtype) or (mixed and _on_cpu_plain(x)))
+                and x[0, 0].numel() > 1):
             return _InstanceNormFn.apply(x, self.weight, self.bias, self.eps)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
