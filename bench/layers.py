@@ -2,6 +2,7 @@
 
     python bench/layers.py                         # mtt1_s10_full: the four variants, 2 rounds
     python bench/layers.py --rows mtt1_s10_full,dc1 --rounds 3 --json runs/bench/layers.json
+    python bench/layers.py --smoke --rounds 1 --repeats 1      # tiny shapes: checks the script runs
 
 One bench/baselines.py row of OUR method (CIFAR-10 shapes, ConvNet-3 width 128, DSA) timed four ways,
 each in a fresh process (the heap setting is per process), interleaved over ``--rounds``:
@@ -41,16 +42,17 @@ def build_parser() -> Parser:
     p.add_argument("--repeats", type=int, default=5, help="timed iterations per process (median; after 2 untimed)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (baselines.SMOKE): checks the script runs")
     p.add_argument("--profile", default=None, choices=VARIANTS, help="print the op profile of one variant and exit")
     p.add_argument("--worker", default=None, help="internal: ROW:VARIANT measured in this process")
     return p
 
 
-def _step(row_name: str, layers: str):
+def _step(row_name: str, layers: str, smoke: bool = False):
     import baselines
 
     row = baselines.ROWS[row_name]
-    step, _ = baselines.build_ours(row, baselines.Shapes())()
+    step, _ = baselines.build_ours(row, baselines.SMOKE if smoke else baselines.Shapes())()
     if layers == "torch":
         from mim4dd_fast.layers import with_torch_layers
 
@@ -64,7 +66,7 @@ def _step(row_name: str, layers: str):
     return step
 
 
-def worker(spec: str, repeats: int, threads: int) -> dict[str, Any]:
+def worker(spec: str, repeats: int, threads: int, smoke: bool = False) -> dict[str, Any]:
     import torch
 
     from mim4dd_fast.allocator import tune
@@ -74,7 +76,7 @@ def worker(spec: str, repeats: int, threads: int) -> dict[str, Any]:
     tuned = tune()  # MIM4DD_MALLOC (set by the parent) decides
     assert tuned == (heap == "tuned"), "the heap setting did not take"
     torch.set_num_threads(threads)
-    step = _step(row_name, layers)
+    step = _step(row_name, layers, smoke)
     for _ in range(2):
         step()
     times = []
@@ -89,7 +91,7 @@ def run(spec: str, args) -> dict[str, Any]:
     heap = spec.rsplit("/", 1)[1]
     env = {**os.environ, "MIM4DD_MALLOC": heap}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", spec, "--repeats", str(args.repeats),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (["--smoke"] if args.smoke else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         lines = (out.stderr or out.stdout).strip().splitlines()
@@ -115,7 +117,7 @@ def _main(argv: list[str] | None) -> int:
         if getattr(args, flag) < 1:
             raise ArgError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
     if args.worker is not None:
-        print(json.dumps(worker(args.worker, args.repeats, args.threads)))
+        print(json.dumps(worker(args.worker, args.repeats, args.threads, args.smoke)))
         return 0
     if args.profile is not None:
         return _profile(rows[0], args)
@@ -146,8 +148,9 @@ def _main(argv: list[str] | None) -> int:
 
         atomic_write_json(args.json, {"environment": environment("cpu") | {"threads": args.threads},
                                       "command": ["python", "bench/layers.py", *(argv or sys.argv[1:])],
-                                      "repeats": args.repeats, "rounds": args.rounds, "results": summary})
-    return 0
+                                      "repeats": args.repeats, "rounds": args.rounds, "smoke": args.smoke,
+                                      "results": summary})
+    return 1 if any(len(r["rounds"]) < args.rounds for r in summary) else 0
 
 
 def _profile(row: str, args) -> int:
@@ -155,7 +158,7 @@ def _profile(row: str, args) -> int:
     if os.environ.get("MIM4DD_MALLOC") != args.profile.split("/")[1]:
         env = {**os.environ, "MIM4DD_MALLOC": args.profile.split("/")[1]}
         cmd = [sys.executable, str(Path(__file__).resolve()), "--rows", row, "--profile", args.profile,
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads)] + (["--smoke"] if args.smoke else [])
         return subprocess.run(cmd, env=env).returncode
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -164,7 +167,7 @@ def _profile(row: str, args) -> int:
 
     tune()
     torch.set_num_threads(args.threads)
-    step = _step(row, args.profile.split("/")[0])
+    step = _step(row, args.profile.split("/")[0], args.smoke)
     for _ in range(2):
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
