@@ -32,6 +32,11 @@ NAME=baselines_tuned step $PY bench/baselines.py "${REPOS[@]}" --rows 'mtt1_s10_
 # the same with the original on our C heap too, and ours on glibc's default (separates code from allocator)
 NAME=baselines_both_tuned step $PY bench/baselines.py "${REPOS[@]}" --rows 'mtt1_s10_full,mtt1_s20_full,dc1,dm1' --rounds 2 --repeats 2 --original-malloc tuned --json $OUT/baselines_both_tuned.json
 NAME=baselines_system step env MIM4DD_MALLOC=system $PY bench/baselines.py "${REPOS[@]}" --rows 'mtt1_s10_full,mtt1_s10_ckpt,mtt1_s20_full,mtt10_s10_full,dc1,dm1,dm10' --rounds 2 --repeats 2 --json $OUT/baselines_system.json
+# the same on a busy machine (two busy loops on the two cores), 2 threads and 1 thread per process
+python3 -c "while True: pass" & BUSY1=$!; python3 -c "while True: pass" & BUSY2=$!
+NAME=baselines_loaded step $PY bench/baselines.py "${REPOS[@]}" --rows 'mtt1_s10_full,dc1,dm10' --rounds 1 --repeats 2 --json $OUT/baselines_loaded.json
+NAME=baselines_loaded_t1 step $PY bench/baselines.py "${REPOS[@]}" --rows 'mtt1_s10_full,dc1,dm10' --rounds 1 --repeats 2 --threads 1 --json $OUT/baselines_loaded_t1.json
+kill $BUSY1 $BUSY2
 # where an MTT iteration goes: torch's layers vs ours, glibc's heap vs tuned
 NAME=layers_mtt step $PY bench/layers.py --rows mtt1_s10_full,mtt1_s20_full --rounds 2 --repeats 5 --json $OUT/layers_mtt.json
 NAME=layers_dcdm step $PY bench/layers.py --rows dc1,dm1 --rounds 2 --repeats 2 --json $OUT/layers_dcdm.json
