@@ -32,6 +32,8 @@ they run torch's own ops. Under CPU bfloat16 autocast the norm takes bfloat16 ac
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -125,14 +127,9 @@ def _combine(a: Tensor | None, ca: Tensor, b: Tensor | None, cb: Tensor | None, 
 
 
 def _on_cpu_plain(x: Tensor) -> bool:
-    """Plain-layout 4-d CPU tensors outside torch.func transforms (vmap/grad see torch's own ops, which they
-    know how to batch)."""
+    """The custom paths' domain: plain-layout 4-d CPU tensors outside torch.func transforms (vmap/grad see
+    torch's own ops, which they know how to batch)."""
     return x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and not _functorch_active()
-
-
-def _on_cpu_contiguous(x: Tensor, dtype: torch.dtype) -> bool:
-    """The custom paths' domain: ``_on_cpu_plain`` tensors of the layer's dtype, outside autocast."""
-    return _on_cpu_plain(x) and x.dtype == dtype and not torch.is_autocast_enabled("cpu")
 
 
 def _functorch_active() -> bool:
@@ -149,9 +146,11 @@ class InstanceNorm(nn.GroupNorm):
     def forward(self, x: Tensor) -> Tensor:
         # Under CPU bfloat16 autocast torch's group norm takes bfloat16 activations with float32 parameters
         # (mixed types, bfloat16 out); so does ours, its second derivative computed in float32.
-        mixed = x.dtype == torch.bfloat16 and self.weight.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
-        if (torch.is_grad_enabled() and (_on_cpu_contiguous(x, self.weight.dtype) or (mixed and _on_cpu_plain(x)))
-                and x[0, 0].numel() > 1):
+        if torch.is_autocast_enabled("cpu"):
+            dtypes_ok = x.dtype == torch.bfloat16 and self.weight.dtype == torch.float32
+        else:
+            dtypes_ok = x.dtype == self.weight.dtype
+        if torch.is_grad_enabled() and dtypes_ok and _on_cpu_plain(x) and x[0, 0].numel() > 1:
             return _InstanceNormFn.apply(x, self.weight, self.bias, self.eps)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
@@ -203,17 +202,15 @@ class AvgPool2(nn.AvgPool2d):
         super().__init__(2, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _on_cpu_contiguous(x, x.dtype) and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0:
+        if (not torch.is_autocast_enabled("cpu") and _on_cpu_plain(x)
+                and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0):
             return _PoolFn.apply(x)
         return F.avg_pool2d(x, 2, 2)
-
 
 
 def with_torch_layers(net: nn.Module, in_place: bool = False) -> nn.Module:
     """``net`` with torch's own GroupNorm / AvgPool2d in place of ``InstanceNorm`` / ``AvgPool2`` (same
     parameters): the oracle of the tests and the "before" of bench/layers.py."""
-    import copy
-
     net = net if in_place else copy.deepcopy(net)
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):

@@ -29,20 +29,22 @@ def _second_order(fn, x, w, b, terms):
     return torch.autograd.grad(loss, [x, w, gy], allow_unused=True)
 
 
-@pytest.mark.parametrize("terms", ["xwb", "x", "w", "b", "wb", "xb"])
-def test_instance_norm_second_derivative_equals_groupnorm(terms):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 4, 5, 7, dtype=torch.float64, generator=gen).requires_grad_(True)
-    w = torch.randn(4, dtype=torch.float64, generator=gen).requires_grad_(True)
-    b = torch.randn(4, dtype=torch.float64, generator=gen).requires_grad_(True)
-    norm = InstanceNorm(4).double()
+def _norm_case(seed: int, shape: tuple[int, ...]):
+    """Float64 (x, w, b) requiring grad, and our InstanceNorm as a function of them."""
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x, w, b = (torch.randn(s, dtype=torch.float64, generator=gen).requires_grad_(True) for s in (shape, (c,), (c,)))
+    norm = InstanceNorm(c).double()
 
     def ours(x, w, b):
-        with torch.no_grad():
-            norm.weight.copy_(w)
-            norm.bias.copy_(b)
         return torch.func.functional_call(norm, {"weight": w, "bias": b}, (x,))
 
+    return x, w, b, ours
+
+
+@pytest.mark.parametrize("terms", ["xwb", "x", "w", "b", "wb", "xb"])
+def test_instance_norm_second_derivative_equals_groupnorm(terms):
+    x, w, b, ours = _norm_case(0, (3, 4, 5, 7))
     ref = _second_order(lambda x, w, b: F.group_norm(x, 4, w, b, 1e-5), x, w, b, terms)
     got = _second_order(ours, x, w, b, terms)
     for r, g in zip(ref, got, strict=True):
@@ -53,17 +55,9 @@ def test_instance_norm_second_derivative_equals_groupnorm(terms):
 
 
 def test_instance_norm_gradgradcheck():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 4, 3, dtype=torch.float64, generator=gen).requires_grad_(True)
-    w = torch.randn(3, dtype=torch.float64, generator=gen).requires_grad_(True)
-    b = torch.randn(3, dtype=torch.float64, generator=gen).requires_grad_(True)
-    norm = InstanceNorm(3).double()
-
-    def fn(x, w, b):
-        return torch.func.functional_call(norm, {"weight": w, "bias": b}, (x,))
-
-    assert torch.autograd.gradcheck(fn, (x, w, b))
-    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+    x, w, b, ours = _norm_case(1, (2, 3, 4, 3))
+    assert torch.autograd.gradcheck(ours, (x, w, b))
+    assert torch.autograd.gradgradcheck(ours, (x, w, b))
 
 
 @settings(max_examples=25, deadline=None)

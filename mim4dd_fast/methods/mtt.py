@@ -292,8 +292,8 @@ class MTT(DistillMethod):
         self.model = build_model(dataset.channels, dataset.num_classes, dataset.image_size, **kwargs)
         self.model = self.model.to(self.device).requires_grad_(False)  # weights come from the flat vectors
         self.experts = self._check_experts(experts, kwargs)
-        per_step = min(cfg.batch_syn or self.images.shape[0], self.images.shape[0])
-        self.unroll = choose_unroll(cfg.unroll, self.model, cfg.syn_steps, per_step, self.shard.dist.world_size)
+        self.unroll = choose_unroll(cfg.unroll, self.model, cfg.syn_steps, self._images_per_step(),
+                                    self.shard.dist.world_size)
         self.syn_lr = torch.tensor(cfg.lr_teacher, dtype=self.images.dtype, device=self.device).requires_grad_(True)
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)
         self.opt_lr = torch.optim.SGD([self.syn_lr], lr=cfg.lr_lr, momentum=cfg.momentum)
@@ -307,7 +307,7 @@ class MTT(DistillMethod):
         if self.config.unroll == "full":
             raise ConfigError(f"Data-parallel MTT ({world} processes) needs unroll = 'checkpointed', got "
                               f"{self.config.unroll!r}.")
-        per_step = min(self.config.batch_syn or self.images.shape[0], self.images.shape[0])
+        per_step = self._images_per_step()
         if per_step < world:
             raise ConfigError(f"Data-parallel MTT splits each student step's {per_step} synthetic images over "
                               f"{world} processes; use at most {per_step} processes or a larger batch_syn.")
@@ -334,10 +334,14 @@ class MTT(DistillMethod):
         return [t.detach().cpu() for t in experts]
 
     # -- helpers ------------------------------------------------------------------------------
+    def _images_per_step(self) -> int:
+        """Synthetic images in each student step's minibatch (``batch_syn``, at most all of them)."""
+        return min(self.config.batch_syn or self.images.shape[0], self.images.shape[0])
+
     def _plan(self) -> list[Batch]:
         """Minibatch indices (the original's shuffled chunks) and one DSA seed per student step."""
         n = self.images.shape[0]
-        size = min(self.config.batch_syn or n, n)
+        size = self._images_per_step()
         chunks: list[Tensor] = []
         batches: list[Batch] = []
         for _ in range(self.config.syn_steps):
