@@ -10,6 +10,13 @@ figures are the median and the minimum over repeats and their ratios. The last r
 compared: max |difference| of the parameters and of the test accuracies (float summation order is
 the only difference between the paths).
 
+Roofline: the one-by-one path runs once more under FlopCounterMode (torch.utils.flop_counter: its
+convolutions and matrix products, forward and backward; both paths do this work), and the machine's
+fp32 peak is measured in the same run at the same thread count (``profiling.peak_flops``: the best of
+a large matrix product and a large convolution). Counted FLOPs over that rate is the least time any path doing this
+work can take, so one-by-one seconds over it is the largest speed-up batching could bring on this
+machine (``speedup_ceiling``); each path's achieved FLOP/s is reported as a fraction of the rate.
+
     .venv/bin/python bench/evaluation.py                                  # IPC 1 and 10, 5 nets, 3 repeats
     .venv/bin/python bench/evaluation.py --ipcs 1 --epochs 4 --repeats 1 --experts 0 --json ''   # smoke
 """
@@ -41,6 +48,9 @@ def build_parser() -> Parser:
     p.add_argument("--experts-per-pass", type=int, default=None, help="default: experts.EXPERTS_PER_PASS")
     p.add_argument("--vmap", action="store_true",
                    help="also time the torch.func alternative (functional_call + vmap(grad)) for the evaluation nets")
+    p.add_argument("--peak-size", type=int, default=2048,
+                   help="side of the fp32 matrix product (and size // 32 images of the convolution) that measure "
+                        "the machine's peak FLOP/s")
     p.add_argument("--json", default="runs/bench/evaluation.json", help="write the results here ('' to skip)")
     return p
 
@@ -63,6 +73,18 @@ def _ratios(times: dict[str, list[float]], ref: str, new: str) -> dict:
     low = {k: min(v) for k, v in times.items()}
     return {"seconds": times, "median_s": med, "min_s": low,
             "speedup_median": med[ref] / med[new], "speedup_min": low[ref] / low[new]}
+
+
+def roofline(flops: int, median_s: dict[str, float], reference: str, rates: dict[str, float]) -> dict:
+    """Counted ``flops`` of one run of every path against the machine's peak (``rates["peak"]`` FLOP/s, from
+    ``profiling.peak_flops``): achieved FLOP/s and fraction of the peak per path, the floor (``flops / peak``
+    seconds) and the speed-up ceiling of ``reference``'s median seconds over that floor."""
+    peak = rates["peak"]
+    floor = flops / peak
+    return {"flops": int(flops), "peak_flops_per_s": peak, "kernel_flops_per_s": dict(rates), "floor_s": floor,
+            "flops_per_s": {k: flops / v for k, v in median_s.items()},
+            "peak_fraction": {k: flops / v / peak for k, v in median_s.items()},
+            "speedup_ceiling": median_s[reference] / floor}
 
 
 def train_vmap(x, y, dataset, cfg, seeds):
@@ -99,7 +121,7 @@ def train_vmap(x, y, dataset, cfg, seeds):
     return torch.cat([v.detach().reshape(len(seeds), -1) for v in params.values()], 1)
 
 
-def bench_evaluation(dataset, ipc: int, args) -> dict:
+def bench_evaluation(dataset, ipc: int, args, peak: dict[str, float]) -> dict:
     import torch
 
     from mim4dd_fast.evaluation import (
@@ -111,6 +133,7 @@ def bench_evaluation(dataset, ipc: int, args) -> dict:
         train_stacked,
     )
     from mim4dd_fast.models import flatten_params
+    from mim4dd_fast.profiling import measure_flops
 
     cfg = EvalConfig(epochs=args.epochs, n_nets=args.nets, model=args.model)
     x, y = random_subset(dataset, ipc, seed=0)
@@ -130,9 +153,12 @@ def bench_evaluation(dataset, ipc: int, args) -> dict:
     warm = EvalConfig(epochs=1, n_nets=args.nets, model=args.model)  # one-time kernel set-up outside the timings
     train_net(x, y, dataset, warm, seed=0)
     train_stacked([(x, y)] * len(seeds), dataset, warm, seeds=seeds)
+    _, counted = measure_flops(one_by_one)
     times, last = _side_by_side(paths, args.repeats)
     (p_ref, a_ref), (p_new, a_new) = last["one_by_one"], last["stacked"]
-    row = {"ipc": ipc, "images": int(x.shape[0]), **_ratios(times, "one_by_one", "stacked"),
+    ratios = _ratios(times, "one_by_one", "stacked")
+    row = {"ipc": ipc, "images": int(x.shape[0]), **ratios,
+           "roofline": roofline(counted.total, ratios["median_s"], "one_by_one", peak),
            "max_abs_param_diff": float((p_ref - p_new).abs().max()), "max_abs_param": float(p_ref.abs().max()),
            "accuracies_one_by_one": a_ref, "accuracies_stacked": a_new,
            "max_abs_accuracy_diff": max(abs(a - b) for a, b in zip(a_ref, a_new, strict=True))}
@@ -142,8 +168,9 @@ def bench_evaluation(dataset, ipc: int, args) -> dict:
     return row
 
 
-def bench_experts(dataset, args) -> dict:
+def bench_experts(dataset, args, peak: dict[str, float]) -> dict:
     from mim4dd_fast.experts import EXPERTS_PER_PASS, load_experts, train_experts
+    from mim4dd_fast.profiling import measure_flops
 
     k = args.experts_per_pass or EXPERTS_PER_PASS
     kw = {"num_experts": args.experts, "epochs": args.expert_epochs,
@@ -156,20 +183,23 @@ def bench_experts(dataset, args) -> dict:
             train_experts(dataset, out, experts_per_pass=per_pass, **kw)
             return load_experts(out)
 
+        _, counted = measure_flops(lambda: run(1))  # also the warm-up
         times, last = _side_by_side({"one_by_one": lambda: run(1), "stacked": lambda: run(k)}, args.repeats)
     diff = max(float((a - b).abs().max()) for a, b in zip(last["one_by_one"], last["stacked"], strict=True))
+    ratios = _ratios(times, "one_by_one", "stacked")
     return {"experts": args.experts, "epochs": args.expert_epochs, "width": args.expert_width, "experts_per_pass": k,
-            "train_images": int(dataset.x_train.shape[0]), **_ratios(times, "one_by_one", "stacked"),
-            "max_abs_param_diff": diff}
+            "train_images": int(dataset.x_train.shape[0]), **ratios,
+            "roofline": roofline(counted.total, ratios["median_s"], "one_by_one", peak), "max_abs_param_diff": diff}
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if min(args.nets, args.epochs, args.repeats, args.threads, args.expert_epochs, args.expert_width,
-               *args.ipcs) < 1 or args.experts < 0 or (args.experts_per_pass is not None and args.experts_per_pass < 1):
-            raise ArgError("--ipcs, --nets, --epochs, --repeats, --threads, --expert-epochs, --expert-width and "
-                           "--experts-per-pass must be at least 1 and --experts at least 0.")
+        sizes = (args.nets, args.epochs, args.repeats, args.threads, args.expert_epochs, args.expert_width,
+                 args.peak_size, *args.ipcs)
+        if min(sizes) < 1 or args.experts < 0 or (args.experts_per_pass is not None and args.experts_per_pass < 1):
+            raise ArgError("--ipcs, --nets, --epochs, --repeats, --threads, --expert-epochs, --expert-width, "
+                           "--peak-size and --experts-per-pass must be at least 1 and --experts at least 0.")
     except ArgError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -177,15 +207,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from mim4dd_fast.data import load_dataset
     from mim4dd_fast.errors import UserError
-    from mim4dd_fast.profiling import environment
+    from mim4dd_fast.profiling import environment, peak_flops
 
     torch.set_num_threads(args.threads)
     dataset = load_dataset("digits")
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     try:
-        rows = [bench_evaluation(dataset, ipc, args) for ipc in args.ipcs]
-        experts = bench_experts(dataset, args) if args.experts else None
+        rows = [bench_evaluation(dataset, ipc, args, peak_flops(args.peak_size)) for ipc in args.ipcs]
+        experts = bench_experts(dataset, args, peak_flops(args.peak_size)) if args.experts else None
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -216,9 +246,29 @@ def main(argv: list[str] | None = None) -> int:
               f"{e['median_s']['one_by_one']:.2f} / {e['min_s']['one_by_one']:.2f} | "
               f"{e['median_s']['stacked']:.2f} / {e['min_s']['stacked']:.2f} | {e['speedup_median']:.2f}x / "
               f"{e['speedup_min']:.2f}x | {e['max_abs_param_diff']:.2e} | - |")
+    print_roofline(rows, experts)
     if args.json:
         write_json_result(args.json, result)
     return 0
+
+
+def print_roofline(rows: list[dict], experts: dict | None) -> None:
+    print("\nRoofline: counted FLOPs of one run (torch.utils.flop_counter) against this machine's fp32 peak (best of a "
+          "large matrix product and a large convolution), measured before each row at the same threads")
+    print("| what | counted GFLOP | peak GFLOP/s (matmul / conv) | one by one GFLOP/s (of peak) | "
+          "batched GFLOP/s (of peak) | "
+          "floor s | speed-up ceiling |")
+    print("|---|---|---|---|---|---|---|")
+    named = [(f"eval IPC {r['ipc']}", r["roofline"]) for r in rows]
+    if experts:
+        named.append((f"{experts['experts']} experts x {experts['epochs']} epochs", experts["roofline"]))
+    for what, f in named:
+        rate, frac = f["flops_per_s"], f["peak_fraction"]
+        kernels = f["kernel_flops_per_s"]
+        print(f"| {what} | {f['flops'] / 1e9:.1f} | {f['peak_flops_per_s'] / 1e9:.0f} ({kernels['matmul'] / 1e9:.0f} / "
+              f"{kernels['conv3x3'] / 1e9:.0f}) | "
+              f"{rate['one_by_one'] / 1e9:.0f} ({frac['one_by_one']:.0%}) | {rate['stacked'] / 1e9:.0f} "
+              f"({frac['stacked']:.0%}) | {f['floor_s']:.2f} | {f['speedup_ceiling']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ a small context manager or function so a method's ``step()`` can be measured wit
 - ``measure_flops``: ``torch.utils.flop_counter.FlopCounterMode`` over one call (forward and
   backward; conv/matmul/attention plus custom ops with a registered formula; elementwise ops,
   norms and pooling count zero by that convention).
+- ``peak_flops``: the fp32 FLOP/s this machine reaches on a large matrix product and a large
+  convolution, the roofline counted FLOPs cannot beat (counted FLOPs over it is the least time a path
+  doing them can take).
 - ``time_calls``: wall-clock per call with CUDA synchronisation, split into warm-up and measured.
 - ``time_interleaved``: several functions timed side by side (round-robin), so load changes on a
   shared machine hit all of them alike and their ratio is meaningful.
@@ -300,6 +303,41 @@ def timed(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[An
     out = fn()
     synchronize(device)
     return out, time.perf_counter() - t0
+
+
+def peak_flops(size: int = 2048, repeats: int = 10, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Best fp32 FLOP/s of a large matrix product and of a large 3x3 convolution, and the larger of the two.
+
+    Why: the FLOPs ``measure_flops`` counts run in matrix-product and convolution kernels, and large,
+    regular shapes are the best case those kernels reach on a machine at the current thread count; so
+    counted FLOPs over ``peak`` is a floor on the seconds any path doing them can take. Both kernels
+    are measured because on a CPU they come from different libraries that can be 2x apart (MKL's
+    sgemm vs oneDNN's convolutions on an AMD Zen 5, measured). The product is ``size`` x ``size``;
+    the convolution is 256 -> 256 channels on 8x8 maps, ``max(1, size // 32)`` images (2 FLOPs per
+    multiply-add in both). The best of ``repeats`` timed calls after one untimed one, so the floor
+    errs low (generous to the path measured against it).
+    """
+    if size < 1 or repeats < 1:
+        raise ValueError("peak_flops needs size >= 1 and repeats >= 1")
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    a, b, out = rand(size, size), rand(size, size), torch.empty(size, size, device=device)
+    images, channels, side = max(1, size // 32), 256, 8
+    x, w = rand(images, channels, side, side), rand(channels, channels, 3, 3)
+    work = {"matmul": (lambda: torch.mm(a, b, out=out), 2.0 * size**3),
+            "conv3x3": (lambda: F.conv2d(x, w, padding=1), 2.0 * images * side * side * channels * channels * 9)}
+    rates = {}
+    for name, (call, flops) in work.items():
+        call()
+        best = min(timed(call, device)[1] for _ in range(repeats))
+        rates[name] = flops / max(best, 1e-9)
+    rates["peak"] = max(rates.values())
+    return rates
 
 
 def time_calls(
