@@ -19,6 +19,7 @@ machine (``speedup_ceiling``); each path's achieved FLOP/s is reported as a frac
 
     .venv/bin/python bench/evaluation.py                                  # IPC 1 and 10, 5 nets, 3 repeats
     .venv/bin/python bench/evaluation.py --ipcs 1 --epochs 4 --repeats 1 --experts 0 --json ''   # smoke
+    python bench/evaluation.py --device cuda                              # on a GPU (bench/gpu_check.sh runs it)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def build_parser() -> Parser:
     p.add_argument("--model", default="convnet", help="evaluation architecture (convnet, mlp, lenet, resnet18)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (every path, the FLOP count and the peak run there)")
     p.add_argument("--experts", type=int, default=8, help="experts to train per path (0 skips the experts)")
     p.add_argument("--expert-epochs", type=int, default=2)
     p.add_argument("--expert-width", type=int, default=32, help="expert ConvNet width (the digits presets' 32)")
@@ -55,16 +57,18 @@ def build_parser() -> Parser:
     return p
 
 
-def _side_by_side(paths: dict, repeats: int) -> tuple[dict[str, list[float]], dict]:
-    """Time each path once per repeat, alternating which goes first; seconds per path and each path's last result."""
+def _side_by_side(paths: dict, repeats: int, device) -> tuple[dict[str, list[float]], dict]:
+    """Time each path once per repeat, alternating which goes first (device synchronised around each); seconds
+    per path and each path's last result."""
+    from mim4dd_fast.profiling import timed
+
     names = list(paths)
     times: dict[str, list[float]] = {name: [] for name in names}
     last = {}
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            last[name] = paths[name]()
-            times[name].append(time.perf_counter() - t0)
+            last[name], seconds = timed(paths[name], device)
+            times[name].append(seconds)
     return times, last
 
 
@@ -137,24 +141,25 @@ def bench_evaluation(dataset, ipc: int, args, peak: dict[str, float]) -> dict:
 
     cfg = EvalConfig(epochs=args.epochs, n_nets=args.nets, model=args.model)
     x, y = random_subset(dataset, ipc, seed=0)
-    seeds = list(range(args.nets))
+    seeds, device = list(range(args.nets)), args.device
 
     def one_by_one():
-        nets = [train_net(x, y, dataset, cfg, seed=s) for s in seeds]
-        return torch.stack([flatten_params(n) for n in nets]), [split_accuracy(n, dataset) for n in nets]
+        nets = [train_net(x, y, dataset, cfg, seed=s, device=device) for s in seeds]
+        return (torch.stack([flatten_params(n) for n in nets]).cpu(),
+                [split_accuracy(n, dataset, device) for n in nets])
 
     def stacked():
-        st = train_stacked([(x, y)] * len(seeds), dataset, cfg, seeds=seeds)
-        return st.flat_params(), stacked_accuracies(st, dataset)
+        st = train_stacked([(x, y)] * len(seeds), dataset, cfg, seeds=seeds, device=device)
+        return st.flat_params().cpu(), stacked_accuracies(st, dataset, device)
 
     paths = {"one_by_one": one_by_one, "stacked": stacked}
     if args.vmap:
         paths["vmap"] = lambda: (train_vmap(x, y, dataset, cfg, seeds), None)
     warm = EvalConfig(epochs=1, n_nets=args.nets, model=args.model)  # one-time kernel set-up outside the timings
-    train_net(x, y, dataset, warm, seed=0)
-    train_stacked([(x, y)] * len(seeds), dataset, warm, seeds=seeds)
+    train_net(x, y, dataset, warm, seed=0, device=device)
+    train_stacked([(x, y)] * len(seeds), dataset, warm, seeds=seeds, device=device)
     _, counted = measure_flops(one_by_one)
-    times, last = _side_by_side(paths, args.repeats)
+    times, last = _side_by_side(paths, args.repeats, device)
     (p_ref, a_ref), (p_new, a_new) = last["one_by_one"], last["stacked"]
     ratios = _ratios(times, "one_by_one", "stacked")
     row = {"ipc": ipc, "images": int(x.shape[0]), **ratios,
@@ -180,11 +185,12 @@ def bench_experts(dataset, args, peak: dict[str, float]) -> dict:
 
         def run(per_pass: int):
             out = Path(tmp) / f"run{next(counter)}"
-            train_experts(dataset, out, experts_per_pass=per_pass, **kw)
+            train_experts(dataset, out, experts_per_pass=per_pass, device=args.device, **kw)
             return load_experts(out)
 
         _, counted = measure_flops(lambda: run(1))  # also the warm-up
-        times, last = _side_by_side({"one_by_one": lambda: run(1), "stacked": lambda: run(k)}, args.repeats)
+        times, last = _side_by_side({"one_by_one": lambda: run(1), "stacked": lambda: run(k)}, args.repeats,
+                                    args.device)
     diff = max(float((a - b).abs().max()) for a, b in zip(last["one_by_one"], last["stacked"], strict=True))
     ratios = _ratios(times, "one_by_one", "stacked")
     return {"experts": args.experts, "epochs": args.expert_epochs, "width": args.expert_width, "experts_per_pass": k,
@@ -208,22 +214,26 @@ def main(argv: list[str] | None = None) -> int:
     from mim4dd_fast.data import load_dataset
     from mim4dd_fast.errors import UserError
     from mim4dd_fast.profiling import environment, peak_flops
+    from mim4dd_fast.runner import resolve_device
 
     torch.set_num_threads(args.threads)
-    dataset = load_dataset("digits")
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     try:
-        rows = [bench_evaluation(dataset, ipc, args, peak_flops(args.peak_size)) for ipc in args.ipcs]
-        experts = bench_experts(dataset, args, peak_flops(args.peak_size)) if args.experts else None
+        args.device = resolve_device(args.device)
+        dataset = load_dataset("digits")
+        rows = [bench_evaluation(dataset, ipc, args, peak_flops(args.peak_size, device=args.device))
+                for ipc in args.ipcs]
+        experts = bench_experts(dataset, args, peak_flops(args.peak_size, device=args.device)) if args.experts else None
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = {"environment": environment("cpu"), "load_average_before": load_before,
+    result = {"environment": environment(args.device), "load_average_before": load_before,
               "load_average_after": os.getloadavg(), "wall_seconds": time.perf_counter() - t0,
               "command": "python bench/evaluation.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "evaluation": rows, "experts": experts}
-    print(f"{args.nets} evaluation nets ({args.model}, {args.epochs} epochs) on digits, {args.threads} threads, "
+    where = f"{args.threads} threads" if args.device == "cpu" else args.device
+    print(f"{args.nets} evaluation nets ({args.model}, {args.epochs} epochs) on digits, {where}, "
           f"{args.repeats} repeats; load average {load_before[0]:.1f} before, "
           f"{result['load_average_after'][0]:.1f} after")
     print("| what | one by one s (median / min) | batched s (median / min) | speed-up (median / min) | "

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One-shot GPU verdict for the fused kernels: the GPU tests, the kernel benchmark (eager, compiled,
 # Triton, chunked and auto at each precision: time, peak memory, accuracy), the eager/fused crossover
-# of impl="auto", and one short distillation per method on CUDA compared with the same run on CPU.
+# of impl="auto", batched evaluation nets and experts vs one by one (bench/evaluation.py, fp32), and
+# one short distillation per method on CUDA compared with the same run on CPU.
 # Judged in OUTDIR/summary.json (PASS/FAIL per target); the exit code is 1 on any FAIL.
 #
 #   bash bench/gpu_check.sh OUTDIR             # on one CUDA GPU, from the repository root (<= 8 min)
 #   bash bench/gpu_check.sh --dry-run OUTDIR   # its non-GPU parts on CPU at tiny sizes; nothing judged
 #
-# Worst case (every step at its time limit): about 470 s. Needs only torch and triton (made for the GPU
+# Worst case (every step at its time limit): about 530 s. Needs only torch and triton (made for the GPU
 # image: torch 2.11, triton 3.6), no network, no pip: the checkout is used in place (a temporary
 # directory maps kernels/ to mim4dd_fast/kernels); $PYTHON picks the interpreter (default python3).
 # pytest, hypothesis and rich are optional: without pytest the GPU comparisons run inline.
@@ -127,6 +128,8 @@ if [ "$DRY" -eq 1 ]; then
         --repeats 2 --no-isolate --rate-size 64 --json "$OUT/kernels.json"
     step crossover 60 "$PY" "$BENCH" crossover --device cpu --sizes 32 64 --dim 16 --repeats 2 \
         --json "$OUT/crossover.json"
+    step evaluation 60 "$PY" "$ROOT/bench/evaluation.py" --device cpu --ipcs 1 --nets 2 --epochs 2 --repeats 1 \
+        --experts 2 --expert-epochs 1 --expert-width 8 --peak-size 128 --json "$OUT/evaluation.json"
 else
     # the headline precision first: a step cut short keeps the groups it finished
     step bench_targets 160 "$PY" "$BENCH" grid --device cuda --sizes 16384 --dims 128 --repeats 7 \
@@ -136,6 +139,9 @@ else
     step bench_grid_512 50 "$PY" "$BENCH" grid --device cuda --sizes 4096 16384 65536 --dims 512 --repeats 2 \
         --precisions tf32x3 tf32 bf16 ieee --no-accuracy --json "$OUT/kernels_grid_512.json"
     step crossover 25 "$PY" "$BENCH" crossover --device cuda --repeats 5 --json "$OUT/crossover.json"
+    # 5 evaluation nets at once vs one by one, and experts 4 per pass (fp32: no TF32 in cuDNN/cuBLAS)
+    (export NVIDIA_TF32_OVERRIDE=0; step evaluation 60 "$PY" "$ROOT/bench/evaluation.py" --device cuda \
+        --ipcs 1 10 --nets 5 --repeats 2 --json "$OUT/evaluation.json")
     # ---- the same distillations on CUDA (in parallel: tiny), MTT experts shared with the CPU run ----
     CUDA_PIDS=""
     for m in $METHODS; do

@@ -487,6 +487,39 @@ def crossover_target(cross: dict) -> dict:
                       f" logits, provisional threshold {cross.get('eager_max_logits')}"}
 
 
+EVAL_SPEEDUP, EXPERT_SPEEDUP = 2.5, 2.0  # issue 15: 5 evaluation nets at once vs one by one; experts k per pass
+EVAL_PARAM_RTOL, EVAL_ACCURACY_ATOL = 1e-2, 0.01  # batched = one by one up to float summation order
+
+
+def evaluation_targets(ev: dict | None) -> dict:
+    """Batched evaluation nets and experts (bench/evaluation.py) against one by one: the speed-up of each
+    row (median seconds), and that the batched nets are the one-by-one nets (largest parameter
+    difference relative to the largest parameter, largest accuracy difference)."""
+    if ev is None:
+        return {"batched_evaluation": {"value": None, "bound": "ran", "status": "FAIL", "detail": "no evaluation.json"}}
+    targets = {}
+
+    def judge(name, value, op, bound, detail):
+        ok = value is not None and math.isfinite(value) and (value >= bound if op == ">=" else value <= bound)
+        targets[name] = {"value": value, "bound": f"{op} {bound}", "status": "PASS" if ok else "FAIL",
+                         "detail": detail}
+
+    rows = ev.get("evaluation") or []
+    for r in rows:
+        ceiling = r.get("roofline", {}).get("speedup_ceiling")
+        judge(f"batched_eval_ipc{r['ipc']}", r.get("speedup_median"), ">=", EVAL_SPEEDUP,
+              f"one by one / stacked, median seconds; roofline ceiling {ceiling}")
+    experts = ev.get("experts")
+    if experts:
+        judge("batched_experts", experts.get("speedup_median"), ">=", EXPERT_SPEEDUP,
+              f"{experts.get('experts')} experts, {experts.get('experts_per_pass')} per pass vs one by one")
+    param = max((r["max_abs_param_diff"] / max(r["max_abs_param"], 1e-12) for r in rows), default=None)
+    judge("batched_eval_params", param, "<=", EVAL_PARAM_RTOL, "max |param diff| / max |param|, stacked vs alone")
+    accuracy = max((r["max_abs_accuracy_diff"] for r in rows), default=None)
+    judge("batched_eval_accuracy", accuracy, "<=", EVAL_ACCURACY_ATOL, "max |accuracy diff|, stacked vs alone")
+    return targets
+
+
 def compare_runs(cpu_dir: Path, gpu_dir: Path, rtol: float) -> dict:
     """Per-iteration losses and the final synthetic images of a CUDA run against the CPU run."""
     from mim4dd_fast.io import load_tensors
@@ -550,6 +583,7 @@ def cmd_summary(args) -> int:
         "value": None, "bound": "ran", "status": "FAIL", "detail": "no crossover.json"}
     if cross:
         info["crossover"] = {k: cross.get(k) for k in ("measured_crossover_logits", "eager_max_logits")}
+    targets.update(evaluation_targets(_load(out / "evaluation.json")))
     code = steps.get("tests", {}).get("exit_code")
     targets["gpu_tests"] = {"value": code, "bound": "== 0", "status": "PASS" if code == 0 else "FAIL",
                             "detail": "the GPU tests (tests.txt)"}

@@ -34,12 +34,14 @@ def test_dry_run_passes_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
-    assert {name for name, *_ in steps} == {"env", "tests", "distill_dm-cpu", "bench_targets", "crossover"}
+    assert {name for name, *_ in steps} == {"env", "tests", "distill_dm-cpu", "bench_targets", "crossover",
+                                            "evaluation"}
     assert all(code == "0" for _, code, _ in steps), steps
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["verdict"] == "DRY-RUN OK" and summary["failed"] == []
     for name in ("speed_vs_eager@tf32x3", "speed_vs_compile@bf16", "tensor_core_share@tf32",
-                 "peak_memory_vs_eager@tf32x3", "tf32x3_grad_rel_err", "auto_dispatch", "gpu_tests", "distill_dm"):
+                 "peak_memory_vs_eager@tf32x3", "tf32x3_grad_rel_err", "auto_dispatch", "gpu_tests", "distill_dm",
+                 "batched_eval_ipc1", "batched_experts", "batched_eval_params", "batched_eval_accuracy"):
         assert summary["targets"][name]["status"] == "DRY"
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
     assert {(r["impl"], r["D"]) for r in rows} == {(i, d) for i in ("eager", "chunked", "auto") for d in (16, 40)}
@@ -90,6 +92,28 @@ def test_auto_dispatch_target(bench_kernels):
     bad = {"rows": [{"eager_s": 1.0, "triton_s": 2.0, "auto_s": 2.0}]}
     assert bench_kernels.crossover_target(good)["status"] == "PASS"
     assert bench_kernels.crossover_target(bad)["status"] == "FAIL"
+
+
+def _evaluation(speedups=(3.0, 2.6), experts=2.2, param_diff=1e-4, accuracy_diff=0.0):
+    rows = [{"ipc": ipc, "speedup_median": v, "max_abs_param_diff": param_diff, "max_abs_param": 1.0,
+             "max_abs_accuracy_diff": accuracy_diff, "roofline": {"speedup_ceiling": 10.0}}
+            for ipc, v in zip((1, 10), speedups, strict=True)]
+    return {"evaluation": rows, "experts": {"speedup_median": experts, "experts": 8, "experts_per_pass": 4}}
+
+
+def test_evaluation_targets_pass_and_fail_on_the_figures(bench_kernels):
+    good = bench_kernels.evaluation_targets(_evaluation())
+    assert set(good) == {"batched_eval_ipc1", "batched_eval_ipc10", "batched_experts", "batched_eval_params",
+                         "batched_eval_accuracy"}
+    assert {t["status"] for t in good.values()} == {"PASS"}, good
+    edge = bench_kernels.evaluation_targets(_evaluation(speedups=(2.5, 2.5), experts=2.0))  # bounds inclusive
+    assert {t["status"] for t in edge.values()} == {"PASS"}
+    bad = bench_kernels.evaluation_targets(_evaluation(speedups=(2.4, 1.0), experts=1.9, param_diff=0.05,
+                                                       accuracy_diff=0.02))
+    assert {t["status"] for t in bad.values()} == {"FAIL"}
+    assert bad["batched_eval_params"]["value"] == pytest.approx(0.05)
+    missing = bench_kernels.evaluation_targets(None)
+    assert [t["status"] for t in missing.values()] == ["FAIL"]
 
 
 def _run(path: Path, losses, images):
