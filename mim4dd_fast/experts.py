@@ -40,6 +40,7 @@ from .bounds import check_seed
 from .data import Dataset
 from .distributed import SINGLE, Dist
 from .errors import ConfigError, DataError, NonFiniteError
+from .evaluation import sgd
 from .io import atomic_write_json, check_writable_dir, load_tensors, save_tensors, sha256_file
 from .models import NotStackable, StackedNets, build_model, flatten_params
 
@@ -159,7 +160,7 @@ def _train_one(dataset: Dataset, k: int, *, epochs: int, seed: int, lr: float, b
     """Train expert ``k`` alone, deterministically from seed ``seed + k``; returns its [epochs + 1, P] trajectory."""
     gen = torch.Generator().manual_seed(seed + k)
     model = _fresh_expert(dataset, k, seed, model_kwargs).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    opt = sgd(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
     x_all, y_all = dataset.x_train, dataset.y_train
     n = x_all.shape[0]
     snapshots = [flatten_params(model).cpu()]
@@ -195,7 +196,7 @@ def _train_pass(dataset: Dataset, ks: list[int], *, slots: int, epochs: int, see
     padded = ks + [ks[-1]] * (slots - len(ks))
     stacked = StackedNets([_fresh_expert(dataset, k, seed, model_kwargs) for k in padded]).to(device).train()
     gens = [torch.Generator().manual_seed(seed + k) for k in padded]
-    opt = torch.optim.SGD(stacked.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    opt = sgd(stacked.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
     x_all, y_all = dataset.x_train, dataset.y_train
     n = x_all.shape[0]
     snapshots = [stacked.flat_params().cpu()]

@@ -18,6 +18,7 @@ from mim4dd_fast.evaluation import (
     evaluate_synthetic,
     random_baseline,
     random_subset,
+    sgd,
     split_accuracy,
     stacked_accuracies,
     train_and_test,
@@ -363,3 +364,21 @@ def test_cpu_stacks_nets_only_for_small_minibatches(digits, monkeypatch):
     x, y = random_subset(digits, 1, seed=0)
     evaluate_synthetic(x, y, digits, TINY, seed=0)
     assert calls == [2, 2]
+
+
+def test_sgd_is_the_textbook_update_and_fused_on_cpu():
+    """buf = momentum * buf + (g + wd * p) (buf = g + wd * p at the first step); p -= lr * buf."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(7, 3, dtype=torch.float64, generator=gen).requires_grad_()
+    grads = [torch.randn(7, 3, dtype=torch.float64, generator=gen) for _ in range(4)]
+    lr, momentum, wd = 0.05, 0.9, 5e-4
+    opt = sgd([p], lr=lr, momentum=momentum, weight_decay=wd)
+    assert opt.defaults["fused"] is True
+    want, buf = p.detach().clone(), None
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        d = g + wd * want
+        buf = d if buf is None else momentum * buf + d
+        want = want - lr * buf
+    torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-14)
