@@ -46,8 +46,8 @@ NAME=baselines_bf16 step $PY bench/baselines.py --precision bf16 --rows 'mtt1_s1
 # $PY bench/baselines.py "${REPOS[@]}" --rows dc10 --rounds 2 --repeats 1 --json $OUT/baselines_dc10.json
 NAME=precision_digits step $PY bench/precision.py --methods dc,dm,mtt --dataset digits --seeds 3 --json $OUT/precision_digits.json
 NAME=precision_mnist5k step $PY bench/precision.py --methods dc,dm,mtt --dataset mnist5k --seeds 3 --iterations 20 --json $OUT/precision_mnist5k.json
-# batched evaluation and experts vs one by one, the CPU crossover, and the torch.func alternative
-NAME=evaluation step $PY bench/evaluation.py --ipcs 1 10 --nets 5 --repeats 2 --json $OUT/evaluation.json
+# batched evaluation and experts vs one by one with the roofline, the CPU crossover, and the torch.func alternative
+NAME=evaluation step $PY bench/evaluation.py --ipcs 1 10 --nets 5 --repeats 3 --json $OUT/evaluation.json
 NAME=evaluation_crossover step $PY bench/evaluation.py --ipcs 2 3 5 --nets 5 --repeats 2 --experts 0 --json $OUT/evaluation_crossover.json
 NAME=evaluation_vmap step $PY bench/evaluation.py --ipcs 1 10 --nets 5 --repeats 2 --experts 0 --vmap --json $OUT/evaluation_vmap.json
 # the main job against the code before this release: OLD=<an export of commit 6f97aea>, fresh caches, interleaved

@@ -367,10 +367,10 @@ def _accuracies(
 
 
 # On CPU a stack of nets trains as grouped convolutions, which oneDNN runs well only for small minibatches:
-# 5 ConvNets on digits, stacked vs one by one, 1.48-1.55x at 10 images per net, 1.11x at 20, 1.06x at 30,
-# 1.10x at 50, 0.80-0.91x at 100 (bench/evaluation.py, docs/benchmarks.md "Batched evaluation"). Above this
-# many images per minibatch the default (nets_per_pass = 0) trains the nets one by one on CPU;
-# accelerators always stack.
+# 5 ConvNets on digits, stacked vs one by one, 1.43-1.55x at 10 images per net, 1.11-1.18x at 20, 1.06-1.15x
+# at 30, 1.10-1.14x at 50, 0.80-1.05x at 100 (bench/evaluation.py over two releases, docs/benchmarks.md
+# "Batched evaluation"). Above this many images per minibatch the default (nets_per_pass = 0) trains the nets
+# one by one on CPU, where stacking stops paying reliably; accelerators always stack.
 STACK_MAX_IMAGES_CPU = 50
 
 

@@ -17,6 +17,8 @@ a small context manager or function so a method's ``step()`` can be measured wit
 - ``peak_flops``: the fp32 FLOP/s this machine reaches on a large matrix product and a large
   convolution, the roofline counted FLOPs cannot beat (counted FLOPs over it is the least time a path
   doing them can take).
+- ``op_seconds``: the time one call of a function spends inside the ops whose name contains a given
+  text (torch.profiler, self time: CPU time on CPU, kernel time on CUDA), e.g. its convolutions.
 - ``time_calls``: wall-clock per call with CUDA synchronisation, split into warm-up and measured.
 - ``time_interleaved``: several functions timed side by side (round-robin), so load changes on a
   shared machine hit all of them alike and their ratio is meaningful.
@@ -338,6 +340,27 @@ def peak_flops(size: int = 2048, repeats: int = 10, device: torch.device | str =
         rates[name] = flops / max(best, 1e-9)
     rates["peak"] = max(rates.values())
     return rates
+
+
+def op_seconds(fn: Callable[[], Any], match: str, device: torch.device | str = "cpu") -> tuple[Any, float]:
+    """``(fn(), seconds)``: the self time of every op whose name contains ``match`` during one call of ``fn``.
+
+    Why: a path's time in its convolutions alone is a ceiling no cut of its other work can pass (the
+    path minus everything but these ops). On CPU the ops' self CPU time (the calling thread's wall time
+    in them, their worker threads included), on CUDA their kernels' device time. Profiler overhead
+    lands mostly on the many small ops, not on the matched ones when those are large.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        out = fn()
+        synchronize(device)
+    field = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    micro = sum(getattr(e, field, 0.0) for e in prof.key_averages() if match in e.key)
+    return out, micro / 1e6
 
 
 def time_calls(

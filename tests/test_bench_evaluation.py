@@ -32,6 +32,25 @@ def test_peak_measures_real_rates():
     assert all(1e8 < r < 1e15 for r in rates.values())  # at least 0.1 GFLOP/s, below any machine's fp32 peak
 
 
+def test_op_seconds_counts_the_named_ops_only():
+    import time
+
+    import torch
+
+    a = torch.randn(512, 512)
+
+    def work():
+        time.sleep(0.2)  # not an op: never counted
+        return [torch.mm(a, a) for _ in range(5)]
+
+    t0 = time.perf_counter()
+    out, mm_s = profiling.op_seconds(work, "aten::mm")
+    wall = time.perf_counter() - t0
+    assert len(out) == 5
+    assert 0 < mm_s < wall - 0.2 + 0.05  # the products' time, not the sleep
+    assert profiling.op_seconds(work, "no_such_op")[1] == 0.0
+
+
 def test_roofline_by_hand():
     f = bench_evaluation.roofline(600, {"one_by_one": 4.0, "stacked": 2.0}, "one_by_one",
                                   {"matmul": 200.0, "conv3x3": 300.0, "peak": 300.0})
@@ -67,6 +86,7 @@ def test_smoke_run_reports_the_roofline(tmp_path):
         assert f["flops"] > 0 and f["peak_flops_per_s"] > 0
         assert f["floor_s"] == pytest.approx(f["flops"] / f["peak_flops_per_s"])
         assert set(f["peak_fraction"]) == {"one_by_one", "stacked"}
+        assert 0 < f["stacked_conv_s"] and f["conv_ceiling"] > 0
     row = data["evaluation"][0]
     ceiling = row["median_s"]["one_by_one"] / row["roofline"]["floor_s"]
     assert row["roofline"]["speedup_ceiling"] == pytest.approx(ceiling)
