@@ -94,6 +94,12 @@ def roofline(flops: int, median_s: dict[str, float], reference: str, rates: dict
             "speedup_ceiling": median_s[reference] / floor}
 
 
+def conv_ceiling(reference_s: float, conv_s: float) -> dict:
+    """The batched path's seconds in its convolutions and ``reference_s`` over them (None when the profiler saw no
+    convolution time, e.g. a profiler without device timings)."""
+    return {"stacked_conv_s": conv_s, "conv_ceiling": reference_s / conv_s if conv_s > 0 else None}
+
+
 def train_vmap(x, y, dataset, cfg, seeds):
     """The alternative to StackedNets: stacked parameters, torch.func.functional_call under vmap(grad(.)).
 
@@ -168,7 +174,7 @@ def bench_evaluation(dataset, ipc: int, args, peak: dict[str, float]) -> dict:
     ratios = _ratios(times, "one_by_one", "stacked")
     row = {"ipc": ipc, "images": int(x.shape[0]), **ratios,
            "roofline": {**roofline(counted.total, ratios["median_s"], "one_by_one", peak),
-                        "stacked_conv_s": conv_s, "conv_ceiling": ratios["median_s"]["one_by_one"] / conv_s},
+                        **conv_ceiling(ratios["median_s"]["one_by_one"], conv_s)},
            "max_abs_param_diff": float((p_ref - p_new).abs().max()), "max_abs_param": float(p_ref.abs().max()),
            "accuracies_one_by_one": a_ref, "accuracies_stacked": a_new,
            "max_abs_accuracy_diff": max(abs(a - b) for a, b in zip(a_ref, a_new, strict=True))}
@@ -201,8 +207,8 @@ def bench_experts(dataset, args, peak: dict[str, float]) -> dict:
     ratios = _ratios(times, "one_by_one", "stacked")
     return {"experts": args.experts, "epochs": args.expert_epochs, "width": args.expert_width, "experts_per_pass": k,
             "train_images": int(dataset.x_train.shape[0]), **ratios,
-            "roofline": {**roofline(counted.total, ratios["median_s"], "one_by_one", peak), "stacked_conv_s": conv_s,
-                         "conv_ceiling": ratios["median_s"]["one_by_one"] / conv_s},
+            "roofline": {**roofline(counted.total, ratios["median_s"], "one_by_one", peak),
+                         **conv_ceiling(ratios["median_s"]["one_by_one"], conv_s)},
             "max_abs_param_diff": diff}
 
 
@@ -287,7 +293,8 @@ def print_roofline(rows: list[dict], experts: dict | None) -> None:
               f"{kernels['conv3x3'] / 1e9:.0f}) | "
               f"{rate['one_by_one'] / 1e9:.0f} ({frac['one_by_one']:.0%}) | {rate['stacked'] / 1e9:.0f} "
               f"({frac['stacked']:.0%}) | {f['floor_s']:.2f} | {f['speedup_ceiling']:.2f}x | "
-              f"{f['stacked_conv_s']:.2f} | {f['conv_ceiling']:.2f}x |")
+              f"{f['stacked_conv_s']:.2f} | "
+              + (f"{f['conv_ceiling']:.2f}x |" if f["conv_ceiling"] is not None else "- |"))
 
 
 if __name__ == "__main__":

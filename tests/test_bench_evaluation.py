@@ -60,6 +60,11 @@ def test_roofline_by_hand():
     assert f["peak_fraction"] == pytest.approx({"one_by_one": 0.5, "stacked": 1.0})
 
 
+def test_conv_ceiling_by_hand():
+    assert bench_evaluation.conv_ceiling(3.0, 1.5) == {"stacked_conv_s": 1.5, "conv_ceiling": 2.0}
+    assert bench_evaluation.conv_ceiling(3.0, 0.0)["conv_ceiling"] is None  # no convolution time seen
+
+
 def test_counted_flops_of_a_training_step_are_the_textbook_count():
     """What the roofline counts: every conv and linear forward, its weight gradient, and its input gradient
     except the first conv's (the images need none); 2 FLOPs per multiply-add. Elementwise work counts 0."""
