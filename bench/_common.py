@@ -66,10 +66,13 @@ def si(n: float | None, unit: str = "") -> str:
 
 
 def write_json_result(path: str | Path, result: dict) -> None:
-    """Write a bench result as indented JSON (creating the folder) and say where."""
+    """Write a bench result as indented JSON (creating the folder; atomically, so an earlier result is never left
+    half-overwritten) and say where."""
     import json
+
+    from mim4dd_fast.io import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     print(f"written {path}")

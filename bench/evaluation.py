@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mim4dd_fast.data import load_dataset
     from mim4dd_fast.errors import UserError
+    from mim4dd_fast.io import atomic_write_json
     from mim4dd_fast.profiling import environment, peak_flops
     from mim4dd_fast.runner import resolve_device
 
@@ -236,16 +237,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.device = resolve_device(args.device)
         dataset = load_dataset("digits")
-        rows = [bench_evaluation(dataset, ipc, args, peak_flops(args.peak_size, device=args.device))
-                for ipc in args.ipcs]
-        experts = bench_experts(dataset, args, peak_flops(args.peak_size, device=args.device)) if args.experts else None
+        result = {"environment": environment(args.device), "load_average_before": load_before,
+                  "command": "python bench/evaluation.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  "evaluation": [], "experts": None, "complete": False}
+
+        def save_partial() -> None:  # each row as it finishes: a run cut short keeps what it measured
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(args.json, result)
+
+        for ipc in args.ipcs:
+            result["evaluation"].append(bench_evaluation(dataset, ipc, args, peak_flops(args.peak_size,
+                                                                                         device=args.device)))
+            save_partial()
+        if args.experts:
+            result["experts"] = bench_experts(dataset, args, peak_flops(args.peak_size, device=args.device))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = {"environment": environment(args.device), "load_average_before": load_before,
-              "load_average_after": os.getloadavg(), "wall_seconds": time.perf_counter() - t0,
-              "command": "python bench/evaluation.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "evaluation": rows, "experts": experts}
+    result.update(load_average_after=os.getloadavg(), wall_seconds=time.perf_counter() - t0, complete=True)
+    rows, experts = result["evaluation"], result["experts"]
     where = f"{args.threads} threads" if args.device == "cpu" else args.device
     print(f"{args.nets} evaluation nets ({args.model}, {args.epochs} epochs) on digits, {where}, "
           f"{args.repeats} repeats; load average {load_before[0]:.1f} before, "

@@ -8,7 +8,7 @@
 #   bash bench/gpu_check.sh OUTDIR             # on one CUDA GPU, from the repository root (<= 8 min)
 #   bash bench/gpu_check.sh --dry-run OUTDIR   # its non-GPU parts on CPU at tiny sizes; nothing judged
 #
-# Worst case (every step at its time limit): about 530 s. Needs only torch and triton (made for the GPU
+# Worst case (every step at its time limit): about 560 s. Needs only torch and triton (made for the GPU
 # image: torch 2.11, triton 3.6), no network, no pip: the checkout is used in place (a temporary
 # directory maps kernels/ to mim4dd_fast/kernels); $PYTHON picks the interpreter (default python3).
 # pytest, hypothesis and rich are optional: without pytest the GPU comparisons run inline.
@@ -140,7 +140,7 @@ else
         --precisions tf32x3 tf32 bf16 ieee --no-accuracy --json "$OUT/kernels_grid_512.json"
     step crossover 25 "$PY" "$BENCH" crossover --device cuda --repeats 5 --json "$OUT/crossover.json"
     # 5 evaluation nets at once vs one by one, and experts 4 per pass (fp32: no TF32 in cuDNN/cuBLAS)
-    (export NVIDIA_TF32_OVERRIDE=0; step evaluation 60 "$PY" "$ROOT/bench/evaluation.py" --device cuda \
+    (export NVIDIA_TF32_OVERRIDE=0; step evaluation 90 "$PY" "$ROOT/bench/evaluation.py" --device cuda \
         --ipcs 1 10 --nets 5 --repeats 2 --json "$OUT/evaluation.json")
     # ---- the same distillations on CUDA (in parallel: tiny), MTT experts shared with the CPU run ----
     CUDA_PIDS=""

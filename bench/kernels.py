@@ -505,6 +505,8 @@ def evaluation_targets(ev: dict | None) -> dict:
                          "detail": detail}
 
     rows = ev.get("evaluation") or []
+    judge("batched_evaluation_complete", float(bool(ev.get("complete"))), ">=", 1.0,
+          "bench/evaluation.py finished every row (a step cut at its time limit leaves complete = false)")
     for r in rows:
         ceiling = r.get("roofline", {}).get("speedup_ceiling")
         judge(f"batched_eval_ipc{r['ipc']}", r.get("speedup_median"), ">=", EVAL_SPEEDUP,

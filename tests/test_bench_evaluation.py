@@ -87,6 +87,7 @@ def test_smoke_run_reports_the_roofline(tmp_path):
                           "--peak-size", "128", "--json", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     data = json.loads(out.read_text())
+    assert data["complete"] is True  # rows are saved as they finish; the last write marks the run whole
     for f in (data["evaluation"][0]["roofline"], data["experts"]["roofline"]):
         assert f["flops"] > 0 and f["peak_flops_per_s"] > 0
         assert f["floor_s"] == pytest.approx(f["flops"] / f["peak_flops_per_s"])
