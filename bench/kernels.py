@@ -435,15 +435,19 @@ def _ratio(num: dict | None, den: dict | None, key: str) -> float | None:
     return num[key] / den[key]
 
 
+def verdict(value: float | None, op: str, bound: float, detail: str = "") -> dict:
+    """One target of the summary: PASS when ``value`` is finite and ``value op bound`` (">=" or "<=") holds."""
+    ok = value is not None and math.isfinite(value) and (value >= bound if op == ">=" else value <= bound)
+    return {"value": value, "bound": f"{op} {bound}", "status": "PASS" if ok else "FAIL", "detail": detail}
+
+
 def kernel_targets(kernels: dict) -> tuple[dict, dict]:
     """(targets, info) at N = M = 16384, D = 128 from a grid run: each target has value, bound, status."""
     rows, rates = kernels.get("rows", []), kernels.get("meta", {}).get("gemm_rate_tflops", {})
     targets, info = {}, {}
 
     def judge(name, value, op, bound, detail=""):
-        ok = value is not None and math.isfinite(value) and (value >= bound if op == ">=" else value <= bound)
-        targets[name] = {"value": value, "bound": f"{op} {bound}", "status": "PASS" if ok else "FAIL",
-                         "detail": detail}
+        targets[name] = verdict(value, op, bound, detail)
 
     for p in PRECISIONS:
         at = dict(N=TARGET_N, D=TARGET_D, precision=p)
@@ -499,10 +503,8 @@ def evaluation_targets(ev: dict | None) -> dict:
         return {"batched_evaluation": {"value": None, "bound": "ran", "status": "FAIL", "detail": "no evaluation.json"}}
     targets = {}
 
-    def judge(name, value, op, bound, detail):
-        ok = value is not None and math.isfinite(value) and (value >= bound if op == ">=" else value <= bound)
-        targets[name] = {"value": value, "bound": f"{op} {bound}", "status": "PASS" if ok else "FAIL",
-                         "detail": detail}
+    def judge(name, value, op, bound, detail=""):
+        targets[name] = verdict(value, op, bound, detail)
 
     rows = ev.get("evaluation") or []
     judge("batched_evaluation_complete", float(bool(ev.get("complete"))), ">=", 1.0,

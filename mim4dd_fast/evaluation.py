@@ -152,9 +152,9 @@ def sgd(params, *, lr: float, momentum: float, weight_decay: float) -> torch.opt
     """torch's SGD for training evaluation nets and experts, fused where torch has the kernel (CPU, CUDA).
 
     The fused kernel updates each parameter in one pass instead of three (weight decay, momentum,
-    step), the same update up to float rounding: 13 % of the time of 5 stacked evaluation nets at IPC 1
-    on a 2-core CPU (bench/evaluation.py, docs/benchmarks.md). Every path uses it, so one-by-one and
-    batched nets still differ only in summation order.
+    step), the same update up to float rounding; the optimizer step is a visible share of a step of
+    small evaluation nets. Every path uses it, so one-by-one and batched nets still differ only in
+    summation order.
     """
     params = list(params)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
